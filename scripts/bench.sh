@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# make bench: mailgate (durable) beside Postfix's smtp-sink (no storage: the ceiling), with the
+# same smtp-source command, plus end-of-DATA->250 latency from examples/loadgen.rs.
+# Writes docs/BENCHMARKS.md. Benchmarks are measurements, never pass/fail tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SESSIONS=${SESSIONS:-20}
+MESSAGES=${MESSAGES:-20000}
+SIZE=${SIZE:-4096}
+RUNS=${RUNS:-3}
+KEY=0123456789abcdef0123456789abcdef
+RCPT="incoming+$KEY@localhost"
+BIN=target/release/mailgate
+LOADGEN=target/release/examples/loadgen
+SRC=$(command -v smtp-source || echo /usr/sbin/smtp-source)
+SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+now() { date +%s.%N; }
+rate() { python3 -c "print(round($1/($3-$2)))"; }
+median() { python3 -c "import statistics,sys; print(int(statistics.median([float(x) for x in sys.argv[1:]])))" "$@"; }
+
+source_cmd() { echo "$SRC -c -d -s $SESSIONS -m $MESSAGES -l $SIZE -f a@example.org -t $RCPT 127.0.0.1:$1"; }
+
+run_source() { # port -> msg/s
+  local t0 t1
+  t0=$(now); $(source_cmd "$1") >/dev/null 2>&1; t1=$(now)
+  rate "$MESSAGES" "$t0" "$t1"
+}
+
+# --- smtp-sink: the ceiling (no storage) ---
+sink_port=$(free_port)
+sink_user=$( [ "$(id -u)" = 0 ] && echo "-u nobody" || echo "")
+$SINK $sink_user -c "127.0.0.1:$sink_port" 1000 >/dev/null 2>&1 &
+pids+=($!); wait_port "$sink_port"
+sink_rates=()
+for _ in $(seq 1 "$RUNS"); do sink_rates+=("$(run_source "$sink_port")"); done
+kill "${pids[-1]}" 2>/dev/null || true
+
+# --- mailgate: durable (sled group commit + fsync before every 250) ---
+mg_rates=(); lg_json=()
+peak_rss=0
+for run in $(seq 1 "$RUNS"); do
+  smtp=$(free_port); http=$(free_port)
+  dir="$work/run$run"; mkdir -p "$dir"
+  cat > "$dir/mailgate.toml" <<TOML
+[[listen]]
+protocol = "smtp"
+address = "127.0.0.1:$smtp"
+[[mailbox]]
+name = "incoming"
+address = "incoming+%{key}@localhost"
+[limits]
+max_connections_per_ip = 1000
+[spool]
+dir = "$dir/spool"
+[http]
+listen = "127.0.0.1:$http"
+TOML
+  MAILGATE_LOG=warn $BIN serve --config "$dir/mailgate.toml" 2>"$dir/log" &
+  pid=$!; pids+=($pid); wait_port "$smtp"
+  mg_rates+=("$(run_source "$smtp")")
+  lg_json+=("$($LOADGEN "127.0.0.1:$smtp" --sessions "$SESSIONS" --messages "$MESSAGES" --size "$SIZE")")
+  rss=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
+  [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
+  kill -TERM "$pid"; wait "$pid" || true
+done
+
+sink_med=$(median "${sink_rates[@]}")
+mg_med=$(median "${mg_rates[@]}")
+lg_summary=$(printf '%s\n' "${lg_json[@]}" | python3 -c '
+import json,sys,statistics
+rows=[json.loads(l) for l in sys.stdin if l.strip()]
+print("%d %.2f %.2f %d" % (statistics.median(r["per_second"] for r in rows), statistics.median(r["p50_ms"] for r in rows), statistics.median(r["p99_ms"] for r in rows), sum(r["errors"] for r in rows)))')
+read -r lg_rate lg_p50 lg_p99 lg_err <<<"$lg_summary"
+ratio=$(python3 -c "print(f'{$mg_med/$sink_med:.2f}')")
+
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d). Every number is the median of $RUNS runs in the same invocation;"
+  echo "both cores are shared by the load generator and the server, so compare the ratios, not the absolute numbers."
+  echo
+  echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(uname -sr); $(rustc --version)."
+  echo
+  echo "## Intake: $SESSIONS sessions, $MESSAGES messages of $SIZE bytes"
+  echo
+  echo "| server | storage | msg/s (smtp-source) | ratio to smtp-sink |"
+  echo "|---|---|---|---|"
+  echo "| Postfix smtp-sink | none (discards) | $sink_med | 1.00 |"
+  echo "| mailgate serve | durable: sled group commit + fdatasync before every 250 | $mg_med | $ratio |"
+  echo
+  echo "End-of-DATA to 250 latency (examples/loadgen.rs, same load, pipelined MAIL/RCPT/DATA):"
+  echo
+  echo "| server | msg/s | p50 ms | p99 ms | errors | peak RSS |"
+  echo "|---|---|---|---|---|---|"
+  echo "| mailgate serve | $lg_rate | $lg_p50 | $lg_p99 | $lg_err | $((peak_rss/1024)) MiB |"
+  echo
+  echo "Commands:"
+  echo
+  echo '```'
+  echo "$SINK $sink_user -c 127.0.0.1:PORT 1000"
+  echo "$(source_cmd PORT)"
+  echo "$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $MESSAGES --size $SIZE"
+  echo '```'
+  echo
+  echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
+} > docs/BENCHMARKS.md
+cat docs/BENCHMARKS.md

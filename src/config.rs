@@ -1,0 +1,668 @@
+//! Configuration: the TOML file of DESIGN.md, with the embedded defaults used when no file is
+//! given. Unknown keys are errors, so a typo never silently turns a setting off.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default = "default_listeners")]
+    pub listen: Vec<ListenConfig>,
+    #[serde(default = "default_mailboxes")]
+    pub mailbox: Vec<MailboxConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub deliver: Vec<DeliverConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Banner name and Authentication-Results authserv-id.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// `text` (human) or `json` (one JSON object per event) tracing output.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    /// How long sessions in flight may run on after SIGTERM/SIGINT before they are cut.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: default_hostname(),
+            log_format: default_log_format(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Lmtp,
+    Policy,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Lmtp => "lmtp",
+            Protocol::Policy => "policy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplyMode {
+    /// Refusals go to the client in the session (5xx/4xx).
+    InSession,
+    /// Behind Postfix's queue: policy refusals are discarded and logged, never 5xx.
+    AfterQueue,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub protocol: Protocol,
+    /// `host:port` or `unix:/path/to.sock`.
+    pub address: String,
+    /// Default: `in-session` for smtp, `after-queue` for lmtp.
+    #[serde(default)]
+    pub mode: Option<ReplyMode>,
+    /// Peers whose XFORWARD is honoured and who are exempt from the per-IP limit.
+    #[serde(default = "default_trusted_peers")]
+    pub trusted_peers: Vec<IpNet>,
+    /// Permissions of a unix socket (octal string), default "0666": access control for local
+    /// peers is the directory's permissions.
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub implicit_tls: bool,
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+impl ListenConfig {
+    pub fn reply_mode(&self) -> ReplyMode {
+        self.mode.unwrap_or(match self.protocol {
+            Protocol::Lmtp => ReplyMode::AfterQueue,
+            _ => ReplyMode::InSession,
+        })
+    }
+
+    pub fn bind_address(&self) -> Result<BindAddress, ConfigError> {
+        if let Some(path) = self.address.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(ConfigError::Invalid(format!("listener {:?}: empty unix socket path", self.address)));
+            }
+            return Ok(BindAddress::Unix(PathBuf::from(path)));
+        }
+        self.address
+            .parse::<SocketAddr>()
+            .map(BindAddress::Tcp)
+            .map_err(|e| ConfigError::Invalid(format!("listener address {:?}: {e}", self.address)))
+    }
+
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        match &self.socket_mode {
+            None => Ok(0o666),
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .map_err(|_| ConfigError::Invalid(format!("socket_mode {s:?} is not an octal mode"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddress::Tcp(a) => write!(f, "{a}"),
+            BindAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteSet {
+    /// GitLab's route classes; keys that match none are refused.
+    Gitlab,
+    /// Every key is accepted as route `key`.
+    Any,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxConfig {
+    pub name: String,
+    /// Template with one `%{key}` in the local part, or a dedicated address without it.
+    pub address: String,
+    /// Host of `References: <reply-KEY@reply_host>`; default: the address's domain.
+    #[serde(default)]
+    pub reply_host: Option<String>,
+    #[serde(default = "default_routes")]
+    pub routes: RouteSet,
+    /// Per-mailbox overrides of `[auth]` (sender authentication).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(default = "default_data_timeout", with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// A whole session may last no longer than this.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Bad commands tolerated in a session before `421` and close.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Longest text line in DATA, CRLF included (RFC 5321: 1000).
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            command_timeout: default_command_timeout(),
+            data_timeout: default_data_timeout(),
+            session_timeout: default_session_timeout(),
+            max_errors: default_max_errors(),
+            max_line_length: default_max_line_length(),
+        }
+    }
+}
+
+/// Sender authentication (SPF, DKIM, DMARC, ARC): parsed and validated; the checks themselves
+/// arrive with the authentication work (see docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default = "default_spf")]
+    pub spf: String,
+    #[serde(default = "default_dkim")]
+    pub dkim: String,
+    #[serde(default = "default_dmarc")]
+    pub dmarc: String,
+    #[serde(default)]
+    pub trusted_arc_sealers: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            nameservers: Vec::new(),
+            spf: default_spf(),
+            dkim: default_dkim(),
+            dmarc: default_dmarc(),
+            trusted_arc_sealers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefusalAction {
+    /// Say 250, store nothing, log it.
+    Discard,
+    /// Refuse in the session (discarded anyway on after-queue listeners).
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default = "default_discard")]
+    pub auto_submitted: RefusalAction,
+    #[serde(default = "default_discard")]
+    pub null_sender: RefusalAction,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { auto_submitted: RefusalAction::Discard, null_sender: RefusalAction::Discard }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    #[serde(default = "default_spool_dir")]
+    pub dir: PathBuf,
+    /// How long a delivered message is remembered for de-duplication.
+    #[serde(default = "default_dedup_window", with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// How long reject-log entries are kept.
+    #[serde(default = "default_reject_retention", with = "humantime_serde")]
+    pub reject_retention: Duration,
+    /// At most this many reject-log entries are kept (oldest dropped first).
+    #[serde(default = "default_reject_max_entries")]
+    pub reject_max_entries: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: default_spool_dir(),
+            dedup_window: default_dedup_window(),
+            reject_retention: default_reject_retention(),
+            reject_max_entries: default_reject_max_entries(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Empty string: no HTTP API.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// File holding the bearer token required from non-loopback clients.
+    #[serde(default)]
+    pub token_file: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: default_http_listen(), token_file: String::new() }
+    }
+}
+
+impl HttpConfig {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| ConfigError::Invalid(format!("[http] listen {:?}: {e}", self.listen)))
+    }
+
+    /// Reads the bearer token; `None` when no token file is configured.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if self.token_file.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.token_file)
+            .map_err(|source| ConfigError::Read { path: PathBuf::from(&self.token_file), source })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!("[http] token_file {} is empty", self.token_file)));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// Delivery to the application (push workers): parsed and validated; the workers arrive with the
+/// delivery work (see docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverConfig {
+    pub kind: String,
+    #[serde(default)]
+    pub mailboxes: Vec<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Vec<String>,
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub worker: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            listen: default_listeners(),
+            mailbox: default_mailboxes(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            policy: PolicyConfig::default(),
+            spool: SpoolConfig::default(),
+            http: HttpConfig::default(),
+            deliver: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a config file's text. Relative paths stay relative to the working directory.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// `--config FILE`, else `$MAILGATE_CONFIG`, else the embedded defaults.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Errors that make the config unusable (the same list `mailgate check` prints).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.join("; "))) }
+    }
+
+    /// Every structural problem of the config, one sentence each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.listen.is_empty() {
+            out.push("no [[listen]] entries".to_string());
+        }
+        for l in &self.listen {
+            if let Err(e) = l.bind_address() {
+                out.push(e.to_string());
+            }
+            if let Err(e) = l.socket_mode() {
+                out.push(e.to_string());
+            }
+            if l.protocol == Protocol::Policy && l.mode.is_some() {
+                out.push(format!("listener {}: mode applies to smtp and lmtp only", l.address));
+            }
+        }
+        if self.mailbox.is_empty() {
+            out.push("no [[mailbox]] entries".to_string());
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.mailbox {
+            if !names.insert(m.name.as_str()) {
+                out.push(format!("mailbox name {:?} is used twice", m.name));
+            }
+        }
+        if let Err(e) = self.http.listen_addr() {
+            out.push(e.to_string());
+        }
+        if self.limits.max_recipients == 0 {
+            out.push("[limits] max_recipients must be at least 1".into());
+        }
+        if self.limits.max_message_size == 0 {
+            out.push("[limits] max_message_size must be at least 1".into());
+        }
+        if self.limits.max_line_length < 80 {
+            out.push("[limits] max_line_length must be at least 80".into());
+        }
+        for (key, value, allowed) in [
+            ("spf", &self.auth.spf, &["off", "record", "reject-fail", "reject-softfail"][..]),
+            ("dkim", &self.auth.dkim, &["record", "require-pass"][..]),
+            ("dmarc", &self.auth.dmarc, &["off", "record", "enforce", "require-pass"][..]),
+        ] {
+            if !allowed.contains(&value.as_str()) {
+                out.push(format!("[auth] {key} = {value:?}: expected one of {}", allowed.join(", ")));
+            }
+        }
+        for d in &self.deliver {
+            if !["mailroom", "webhook", "sidekiq"].contains(&d.kind.as_str()) {
+                out.push(format!("[[deliver]] kind = {:?}: expected mailroom, webhook or sidekiq", d.kind));
+            }
+        }
+        if !["text", "json"].contains(&self.server.log_format.as_str()) {
+            out.push(format!("[server] log_format = {:?}: expected text or json", self.server.log_format));
+        }
+        out
+    }
+}
+
+fn default_hostname() -> String {
+    let h = gethostname::gethostname().to_string_lossy().trim().to_string();
+    if h.is_empty() { "localhost".to_string() } else { h }
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_trusted_peers() -> Vec<IpNet> {
+    vec!["127.0.0.1/32".parse().expect("literal"), "::1/128".parse().expect("literal")]
+}
+fn default_listeners() -> Vec<ListenConfig> {
+    let l = |protocol, address: &str| ListenConfig {
+        protocol,
+        address: address.to_string(),
+        mode: None,
+        trusted_peers: default_trusted_peers(),
+        socket_mode: None,
+        tls: None,
+        implicit_tls: false,
+        require_tls: false,
+    };
+    vec![
+        l(Protocol::Smtp, "127.0.0.1:2525"),
+        l(Protocol::Lmtp, "127.0.0.1:2424"),
+        l(Protocol::Policy, "127.0.0.1:10040"),
+    ]
+}
+fn default_mailboxes() -> Vec<MailboxConfig> {
+    vec![MailboxConfig {
+        name: "incoming".into(),
+        address: "incoming+%{key}@localhost".into(),
+        reply_host: None,
+        routes: RouteSet::Gitlab,
+        auth: None,
+    }]
+}
+fn default_routes() -> RouteSet {
+    RouteSet::Gitlab
+}
+fn default_max_message_size() -> u64 {
+    26_214_400
+}
+fn default_max_recipients() -> usize {
+    100
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_connections_per_ip() -> usize {
+    50
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_max_errors() -> u32 {
+    10
+}
+fn default_max_line_length() -> usize {
+    1000
+}
+fn default_spf() -> String {
+    "reject-fail".into()
+}
+fn default_dkim() -> String {
+    "record".into()
+}
+fn default_dmarc() -> String {
+    "enforce".into()
+}
+fn default_discard() -> RefusalAction {
+    RefusalAction::Discard
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("./mailgate-data")
+}
+fn default_dedup_window() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_reject_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_reject_max_entries() -> usize {
+    1_000_000
+}
+fn default_http_listen() -> String {
+    "127.0.0.1:8025".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_match_design() {
+        let c = Config::default();
+        let addrs: Vec<_> = c.listen.iter().map(|l| (l.protocol, l.address.as_str(), l.reply_mode())).collect();
+        assert_eq!(
+            addrs,
+            vec![
+                (Protocol::Smtp, "127.0.0.1:2525", ReplyMode::InSession),
+                (Protocol::Lmtp, "127.0.0.1:2424", ReplyMode::AfterQueue),
+                (Protocol::Policy, "127.0.0.1:10040", ReplyMode::InSession),
+            ]
+        );
+        assert_eq!(c.mailbox[0].address, "incoming+%{key}@localhost");
+        assert_eq!(c.http.listen, "127.0.0.1:8025");
+        assert_eq!(c.spool.dir, PathBuf::from("./mailgate-data"));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let text = r#"
+[server]
+hostname = "mx.example.com"
+[[listen]]
+protocol = "smtp"
+address = "127.0.0.1:2525"
+mode = "in-session"
+trusted_peers = ["127.0.0.1/32", "::1/128"]
+[[listen]]
+protocol = "lmtp"
+address = "unix:/run/mailgate/lmtp.sock"
+[[mailbox]]
+name = "incoming"
+address = "incoming+%{key}@incoming.example.com"
+reply_host = "gitlab.example.com"
+routes = "gitlab"
+[limits]
+max_message_size = 26214400
+max_recipients = 100
+max_connections = 1000
+max_connections_per_ip = 50
+command_timeout = "5m"
+data_timeout = "10m"
+[auth]
+nameservers = []
+spf = "reject-fail"
+dkim = "record"
+dmarc = "enforce"
+[policy]
+auto_submitted = "discard"
+null_sender = "discard"
+[spool]
+dir = "./mailgate-data"
+[http]
+listen = "127.0.0.1:8025"
+token_file = ""
+[[deliver]]
+kind = "mailroom"
+mailboxes = ["incoming"]
+url = "https://gitlab.example.com/api/v4/internal/mail_room/incoming_email"
+secret_file = "/etc/mailgate/incoming_email_secret"
+concurrency = 4
+timeout = "30s"
+retry = ["1m", "5m"]
+"#;
+        let c = Config::from_toml(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.listen[1].reply_mode(), ReplyMode::AfterQueue);
+        assert_eq!(c.listen[1].bind_address().unwrap(), BindAddress::Unix("/run/mailgate/lmtp.sock".into()));
+        assert_eq!(c.limits.command_timeout, Duration::from_secs(300));
+        assert_eq!(c.server.hostname, "mx.example.com");
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let e = Config::from_toml("[limits]\nmax_mesage_size = 1\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("max_mesage_size"), "{e}");
+    }
+}

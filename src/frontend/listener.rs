@@ -1,0 +1,220 @@
+//! Listening sockets (TCP and unix), connection limits and the accept loops.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Notify, watch};
+
+use crate::config::BindAddress;
+use crate::gate::verdict::Reason;
+use crate::reject::{Action, RejectEntry, Stage};
+
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Binds a listener. A stale unix socket file is replaced; anything else at that path is an
+/// error.
+pub fn bind(addr: &BindAddress, socket_mode: u32) -> std::io::Result<Bound> {
+    match addr {
+        BindAddress::Tcp(a) => {
+            let sock = std::net::TcpListener::bind(a)?;
+            sock.set_nonblocking(true)?;
+            Ok(Bound::Tcp(TcpListener::from_std(sock)?))
+        }
+        BindAddress::Unix(path) => {
+            remove_stale_socket(path)?;
+            let l = UnixListener::bind(path)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
+            Ok(Bound::Unix(l))
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Connection counts shared by every SMTP/LMTP listener.
+pub struct ConnLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    idle: Notify,
+}
+
+/// Holds one connection slot; frees it on drop.
+pub struct Slot {
+    limits: Arc<ConnLimits>,
+    ip: Option<IpAddr>,
+}
+
+impl ConnLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Takes a slot, or says which limit is reached. `exempt` peers skip the per-IP limit.
+    pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>, exempt: bool) -> Result<Slot, &'static str> {
+        if self.total.fetch_add(1, Ordering::SeqCst) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err("too many connections");
+        }
+        let mut counted_ip = None;
+        if let (Some(ip), false) = (ip, exempt) {
+            let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                drop(map);
+                self.total.fetch_sub(1, Ordering::SeqCst);
+                return Err("too many connections from your address");
+            }
+            *n += 1;
+            counted_ip = Some(ip);
+        }
+        Ok(Slot { limits: self.clone(), ip: counted_ip })
+    }
+
+    pub fn active(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open or `grace` has passed; returns the number still open.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active();
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut map = self.limits.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+        if self.limits.total.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.limits.idle.notify_waiters();
+        }
+    }
+}
+
+pub fn is_trusted(ip: Option<IpAddr>, trusted: &[IpNet]) -> bool {
+    match ip {
+        // unix-socket peers are local; the socket's permissions decide who may connect
+        None => true,
+        Some(ip) => {
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+                v4 => v4,
+            };
+            trusted.iter().any(|n| n.contains(&ip))
+        }
+    }
+}
+
+/// Refuses a connection over the limits: 421, a reject-log entry, close.
+pub async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    hostname: &str,
+    ip: Option<IpAddr>,
+    why: &str,
+    listener: &str,
+    spool: &crate::spool::Spool,
+) {
+    let text = format!("{hostname} Error: {why}");
+    let entry = RejectEntry {
+        at: time::OffsetDateTime::now_utc(),
+        stage: Stage::Connect,
+        action: Action::Tempfail,
+        code: 421,
+        enhanced: "4.7.0".into(),
+        reason: Reason::TooManyConnections,
+        text: text.clone(),
+        client_ip: ip.map(|i| i.to_string()).unwrap_or_default(),
+        helo: String::new(),
+        mail_from: String::new(),
+        rcpt_to: Vec::new(),
+        message_id: String::new(),
+        subject: String::new(),
+        listener: listener.to_string(),
+    };
+    if let Err(e) = spool.log_reject(&entry) {
+        tracing::error!(error = %e, "could not write the reject log");
+    }
+    let line = format!("421 4.7.0 {text}\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Waits until the shutdown flag turns true.
+pub async fn shutdown_signalled(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn limits_count_total_and_per_ip() {
+        let l = ConnLimits::new(3, 2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = l.acquire(Some(ip), false).unwrap();
+        let _b = l.acquire(Some(ip), false).unwrap();
+        assert!(l.acquire(Some(ip), false).is_err(), "per-ip limit");
+        let _c = l.acquire(Some(ip), true).unwrap();
+        assert!(l.acquire(None, true).is_err(), "total limit");
+        drop(a);
+        assert!(l.acquire(Some(ip), false).is_ok());
+    }
+
+    #[test]
+    fn trust_rules() {
+        let nets: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+        assert!(is_trusted(Some("127.0.0.1".parse().unwrap()), &nets));
+        assert!(is_trusted(Some("::ffff:127.0.0.1".parse().unwrap()), &nets));
+        assert!(!is_trusted(Some("127.0.0.2".parse().unwrap()), &nets));
+        assert!(is_trusted(None, &nets));
+    }
+}

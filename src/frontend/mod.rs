@@ -1,0 +1,5 @@
+//! Protocol adapters. No policy inside.
+
+pub mod listener;
+pub mod policy;
+pub mod smtp;

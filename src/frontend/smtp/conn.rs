@@ -1,0 +1,125 @@
+//! The connection driver: moves bytes between a socket and the session core, applies the
+//! command, DATA and session timeouts, stores messages through the spool, writes the reject log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::session::{Event, Peer, Session, SessionConfig};
+use crate::gate::Gate;
+use crate::spool::Spool;
+
+/// What every connection of a listener shares.
+pub struct ConnContext {
+    pub spool: Spool,
+    pub gate: Arc<Gate>,
+    pub session: Arc<SessionConfig>,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub session_timeout: Duration,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// How a session ended, for its log event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCause {
+    Quit,
+    PeerClosed,
+    Timeout,
+    Shutdown,
+    Error,
+}
+
+/// Runs one SMTP or LMTP session to its end.
+pub async fn run<S>(mut stream: S, peer: Peer, ctx: &ConnContext) -> CloseCause
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let deadline = started + ctx.session_timeout;
+    let mut session = Session::new(ctx.session.clone(), ctx.gate.clone(), peer.clone());
+    let mut shutdown = ctx.shutdown.clone();
+    let mut out = Vec::with_capacity(512);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    session.greeting(&mut out);
+    let cause = loop {
+        let (consumed, event) = session.process(&buf, &mut out);
+        buf.drain(..consumed);
+        flush_rejects(&mut session, &ctx.spool);
+        match event {
+            Event::Store(req) => {
+                let result = ctx.spool.store(&req.raw, req.jobs).await.map_err(|e| e.to_string());
+                session.stored(result, &mut out);
+                flush_rejects(&mut session, &ctx.spool);
+            }
+            Event::Close => {
+                let _ = write(&mut stream, &mut out).await;
+                break if session.is_closed() { CloseCause::Quit } else { CloseCause::Error };
+            }
+            Event::NeedInput => {
+                if write(&mut stream, &mut out).await.is_err() {
+                    break CloseCause::Error;
+                }
+                if *shutdown.borrow() && !session.in_data() {
+                    session.shutdown(&mut out);
+                    let _ = write(&mut stream, &mut out).await;
+                    break CloseCause::Shutdown;
+                }
+                let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
+                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+                buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()));
+                tokio::select! {
+                    r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
+                        Ok(Ok(0)) => break CloseCause::PeerClosed,
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => break CloseCause::Error,
+                        Err(_) => {
+                            session.timeout(&mut out);
+                            flush_rejects(&mut session, &ctx.spool);
+                            let _ = write(&mut stream, &mut out).await;
+                            break CloseCause::Timeout;
+                        }
+                    },
+                    _ = shutdown.changed(), if !session.in_data() => {}
+                }
+            }
+        }
+    };
+    let _ = stream.shutdown().await;
+    let stats = session.stats();
+    tracing::info!(
+        target: "mailgate::session",
+        listener = ctx.session.listener,
+        client_ip = %session.client_ip(),
+        helo = %session.helo(),
+        messages = stats.messages,
+        jobs = stats.jobs,
+        duplicates = stats.duplicates,
+        refusals = stats.refusals,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close = ?cause,
+        "session closed"
+    );
+    cause
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = stream.write_all(out).await;
+    out.clear();
+    r
+}
+
+fn flush_rejects(session: &mut Session, spool: &Spool) {
+    for entry in session.take_rejects() {
+        if let Err(e) = spool.log_reject(&entry) {
+            tracing::error!(error = %e, reject = %entry.to_json_line(), "could not write the reject log");
+        }
+    }
+}

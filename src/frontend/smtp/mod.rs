@@ -1,0 +1,15 @@
+//! One ESMTP/LMTP session state machine (LMTP is a flag) and its connection driver.
+
+pub mod conn;
+pub mod data;
+pub mod outcome;
+pub mod session;
+pub mod trace;
+pub mod xforward;
+
+#[cfg(test)]
+mod tests;
+
+pub use conn::{ConnContext, run};
+pub use outcome::StoreRequest;
+pub use session::{Event, Peer, Session, SessionConfig};

@@ -1,0 +1,198 @@
+//! End of DATA: turn the gate's decision into the replies the client hears (one for SMTP, one
+//! per accepted recipient for LMTP), the store request for the spool, and reject-log entries.
+
+use super::data::DataFault;
+use super::session::{Session, State};
+use crate::gate::message::{self, MessageContext, RcptOutcome};
+use crate::gate::verdict::{Reason, Reply, Verdict};
+use crate::job::{Envelope, MessageInfo};
+use crate::reject::{Action, Stage};
+use crate::spool::{NewJob, StoreOutcome};
+
+/// A message the driver must store, then report with [`Session::stored`].
+#[derive(Debug)]
+pub struct StoreRequest {
+    pub raw: Vec<u8>,
+    pub jobs: Vec<NewJob>,
+}
+
+/// What the session remembers while the spool works.
+pub struct Pending {
+    per_rcpt: Vec<RcptOutcome>,
+    rcpts: Vec<String>,
+    info: MessageInfo,
+}
+
+impl Session {
+    /// Called when `CRLF.CRLF` was seen. Returns a store request, or None when the replies are
+    /// already written (refused or discarded).
+    pub(super) fn end_of_data(&mut self, out: &mut Vec<u8>) -> Option<StoreRequest> {
+        let State::Data(rx) = std::mem::replace(&mut self.state, State::Command) else {
+            return None;
+        };
+        self.stats.messages += 1;
+        let raw = match rx.finish() {
+            Ok(raw) => raw,
+            Err(fault) => {
+                let reply = fault_reply(fault);
+                self.log_entry(
+                    Stage::Data,
+                    Action::Reject,
+                    &reply,
+                    fault.reason(),
+                    Vec::new(),
+                    String::new(),
+                    String::new(),
+                );
+                for _ in 0..self.reply_count() {
+                    reply.write_to(out);
+                }
+                self.reset();
+                return None;
+            }
+        };
+        let envelope = self.envelope();
+        let rcpts = self.txn.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
+        let ctx = MessageContext {
+            envelope: &envelope,
+            raw: &raw,
+            authserv_id: &self.cfg.hostname,
+            after_queue: self.cfg.after_queue,
+        };
+        let decision = message::decide(&self.gate, &ctx, &rcpts);
+        let pending = Pending {
+            per_rcpt: decision.per_rcpt,
+            rcpts: rcpts.iter().map(|r| r.address.clone()).collect(),
+            info: decision.info,
+        };
+        if decision.jobs.is_empty() {
+            self.finish(pending, &[], out);
+            return None;
+        }
+        self.state = State::WaitStore(Box::new(pending));
+        Some(StoreRequest { raw, jobs: decision.jobs })
+    }
+
+    /// The spool's answer for the pending message.
+    pub fn stored(&mut self, result: Result<Vec<StoreOutcome>, String>, out: &mut Vec<u8>) {
+        let State::WaitStore(pending) = std::mem::replace(&mut self.state, State::Command) else {
+            return;
+        };
+        match result {
+            Ok(outcomes) => self.finish(*pending, &outcomes, out),
+            Err(err) => {
+                tracing::error!(error = %err, "spool could not store a message");
+                let reply = Reply::new(451, "4.3.0", "Error: queue file write error, try again later");
+                let (mid, subject) = (pending.info.message_id.clone(), pending.info.subject.clone());
+                self.log_entry(Stage::Data, Action::Tempfail, &reply, Reason::SpoolError, Vec::new(), mid, subject);
+                for _ in 0..self.reply_count() {
+                    reply.write_to(out);
+                }
+                self.reset();
+            }
+        }
+    }
+
+    /// Writes the replies for every recipient and logs refusals, discards and duplicates.
+    fn finish(&mut self, pending: Pending, outcomes: &[StoreOutcome], out: &mut Vec<u8>) {
+        let Pending { per_rcpt, rcpts, info } = pending;
+        let mut replies = Vec::with_capacity(per_rcpt.len());
+        let mut ids = Vec::new();
+        let mut dup_ids = Vec::new();
+        // (action, reply, reason, recipients): one log entry per distinct refusal
+        let mut logs: Vec<(Action, Reply, Reason, Vec<String>)> = Vec::new();
+        let mut note = |action, reply: &Reply, reason, rcpt: &str| match logs
+            .iter_mut()
+            .find(|(a, r, re, _)| *a == action && r == reply && *re == reason)
+        {
+            Some(entry) => entry.3.push(rcpt.to_string()),
+            None => logs.push((action, reply.clone(), reason, vec![rcpt.to_string()])),
+        };
+        for (outcome, rcpt) in per_rcpt.iter().zip(&rcpts) {
+            let reply = match outcome {
+                RcptOutcome::Job(i) => match outcomes.get(*i) {
+                    Some(StoreOutcome::Stored { id }) => {
+                        push_unique(&mut ids, id);
+                        Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+                    }
+                    Some(StoreOutcome::Duplicate { id }) => {
+                        let reply = Reply::new(250, "2.0.0", format!("Ok: duplicate of {id}, not queued again"));
+                        note(Action::Discard, &reply, Reason::Duplicate, rcpt);
+                        push_unique(&mut dup_ids, id);
+                        reply
+                    }
+                    None => Reply::new(451, "4.3.0", "Error: internal error, try again later"),
+                },
+                RcptOutcome::Refused(v) => {
+                    let (action, reply, reason) = verdict_reply(v);
+                    note(action, &reply, reason, rcpt);
+                    reply
+                }
+            };
+            replies.push(reply);
+        }
+        self.stats.jobs += outcomes.iter().filter(|o| matches!(o, StoreOutcome::Stored { .. })).count() as u32;
+        self.stats.duplicates += outcomes.iter().filter(|o| matches!(o, StoreOutcome::Duplicate { .. })).count() as u32;
+        for (action, reply, reason, rcpt_to) in logs {
+            self.log_entry(Stage::Data, action, &reply, reason, rcpt_to, info.message_id.clone(), info.subject.clone());
+        }
+        if self.cfg.lmtp {
+            for r in &replies {
+                r.write_to(out);
+            }
+        } else if !ids.is_empty() {
+            Reply::new(250, "2.0.0", format!("Ok: queued as {}", ids.join(" "))).write_to(out);
+        } else if !dup_ids.is_empty() {
+            let text = format!("Ok: duplicate of {}, not queued again", dup_ids.join(" "));
+            Reply::new(250, "2.0.0", text).write_to(out);
+        } else if let Some(first) = replies.into_iter().next() {
+            first.write_to(out);
+        }
+        self.reset();
+    }
+
+    /// LMTP answers once per accepted recipient; SMTP once.
+    fn reply_count(&self) -> usize {
+        if self.cfg.lmtp { self.txn.as_ref().map(|t| t.rcpts.len()).unwrap_or(1).max(1) } else { 1 }
+    }
+
+    /// The envelope as the job records it (recipients are added per job).
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            mail_from: self.txn.as_ref().map(|t| t.mail_from.clone()).unwrap_or_default(),
+            rcpt_to: Vec::new(),
+            client_ip: self.client_ip(),
+            client_name: self.fwd.name.clone().unwrap_or_default(),
+            helo: self.fwd.helo.clone().or_else(|| self.helo.clone()).unwrap_or_default(),
+            protocol: self.fwd.proto.clone().unwrap_or_else(|| self.proto.to_string()),
+            queue_id: self.fwd.ident.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn push_unique(ids: &mut Vec<String>, id: &str) {
+    if !ids.iter().any(|i| i == id) {
+        ids.push(id.to_string());
+    }
+}
+
+fn verdict_reply(v: &Verdict) -> (Action, Reply, Reason) {
+    match v {
+        Verdict::Reject { reason, reply } => (Action::Reject, reply.clone(), *reason),
+        Verdict::Tempfail { reason, reply } => (Action::Tempfail, reply.clone(), *reason),
+        Verdict::Discard { reason, text } => {
+            let reply = Reply::new(250, "2.0.0", format!("Ok: discarded ({}: {text})", reason.as_str()));
+            (Action::Discard, reply, *reason)
+        }
+        Verdict::Accept => (Action::Discard, Reply::new(250, "2.0.0", "Ok"), Reason::BadCommand),
+    }
+}
+
+fn fault_reply(fault: DataFault) -> Reply {
+    match fault {
+        DataFault::Bare { cr: false } => Reply::new(550, "5.5.2", "Error: bare <LF> received"),
+        DataFault::Bare { cr: true } => Reply::new(550, "5.5.2", "Error: bare <CR> received"),
+        DataFault::LineTooLong => Reply::new(500, "5.5.2", "Error: text line too long"),
+        DataFault::TooLarge => Reply::new(552, "5.3.4", "Error: message file too big"),
+    }
+}

@@ -1,0 +1,12 @@
+//! mailgate: the incoming-mail gate for applications that talk to their users by email.
+//!
+//! Data flows one way: frontends (protocols) -> gate (decisions) -> spool (sled) -> delivery.
+
+pub mod config;
+pub mod frontend;
+pub mod gate;
+pub mod http;
+pub mod job;
+pub mod reject;
+pub mod server;
+pub mod spool;

@@ -1,0 +1,220 @@
+//! `mailgate serve`: opens the spool, binds every listener and the HTTP API, runs until
+//! SIGTERM/SIGINT, then stops accepting, lets sessions in flight finish within
+//! `[server] shutdown_grace` and commits the spool.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, ListenConfig, Protocol, ReplyMode};
+use crate::frontend::listener::{self, Bound, ConnLimits};
+use crate::frontend::policy;
+use crate::frontend::smtp::{self, ConnContext, Peer, SessionConfig};
+use crate::gate::Gate;
+use crate::http;
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("mailboxes: {0}")]
+    Gate(#[from] crate::gate::GateError),
+    #[error("spool {dir}: {source}")]
+    Spool { dir: String, source: SpoolError },
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+struct Listener {
+    config: ListenConfig,
+    bound: Bound,
+}
+
+pub async fn serve(config: Config) -> Result<(), ServerError> {
+    config.validate()?;
+    let gate = Arc::new(Gate::new(&config.mailbox, &config.policy)?);
+    let spool = Spool::open(&config.spool.dir, SpoolOptions::from(&config.spool))
+        .map_err(|source| ServerError::Spool { dir: config.spool.dir.display().to_string(), source })?;
+    let token = config.http.token()?;
+
+    // Bind everything before serving anything: a port in use is a clear startup error.
+    let mut listeners = Vec::new();
+    for l in &config.listen {
+        let addr = l.bind_address()?;
+        let bound = listener::bind(&addr, l.socket_mode()?)
+            .map_err(|source| ServerError::Bind { address: addr.to_string(), source })?;
+        listeners.push(Listener { config: l.clone(), bound });
+    }
+    let http_listener = match config.http.listen_addr()? {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { address: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let maintenance = spool.spawn_maintenance(shutdown_rx.clone());
+    let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let policy_limits = ConnLimits::new(config.limits.max_connections, usize::MAX);
+    let mut tasks = Vec::new();
+    for l in listeners {
+        tracing::info!(protocol = l.config.protocol.as_str(), address = %l.config.address, "listening");
+        let shutdown = shutdown_rx.clone();
+        if l.config.protocol == Protocol::Policy {
+            let (gate, spool, limits) = (gate.clone(), spool.clone(), policy_limits.clone());
+            let idle = config.limits.command_timeout;
+            let refuse = (spool.clone(), config.server.hostname.clone());
+            tasks.push(tokio::spawn(accept_loop(l, limits, shutdown, refuse, move |stream, _peer, slot| {
+                let (gate, spool) = (gate.clone(), spool.clone());
+                async move {
+                    let _slot = slot;
+                    policy::run(stream, gate, spool, idle).await
+                }
+            })));
+            continue;
+        }
+        let lmtp = l.config.protocol == Protocol::Lmtp;
+        let ctx = Arc::new(ConnContext {
+            spool: spool.clone(),
+            gate: gate.clone(),
+            session: Arc::new(SessionConfig {
+                hostname: config.server.hostname.clone(),
+                lmtp,
+                after_queue: l.config.reply_mode() == ReplyMode::AfterQueue,
+                listener: l.config.protocol.as_str(),
+                max_message_size: config.limits.max_message_size,
+                max_recipients: config.limits.max_recipients,
+                max_errors: config.limits.max_errors,
+                max_line_length: config.limits.max_line_length,
+            }),
+            command_timeout: config.limits.command_timeout,
+            data_timeout: config.limits.data_timeout,
+            session_timeout: config.limits.session_timeout,
+            shutdown: shutdown_rx.clone(),
+        });
+        let refuse = (spool.clone(), config.server.hostname.clone());
+        tasks.push(tokio::spawn(accept_loop(l, limits.clone(), shutdown, refuse, move |stream, peer, slot| {
+            let ctx = ctx.clone();
+            async move {
+                let _slot = slot;
+                smtp::run(stream, peer, &ctx).await;
+            }
+        })));
+    }
+    let http_task = http_listener.map(|hl| {
+        let addr = hl.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(address = %addr, "HTTP API listening");
+        let state = http::HttpState { spool: spool.clone(), token };
+        let stop = listener::shutdown_signalled(shutdown_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(hl, state, stop).await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        })
+    });
+    if !config.deliver.is_empty() {
+        tracing::warn!(
+            "[[deliver]] is configured, but push delivery is not implemented in this version: jobs wait in the queue for the pull API and the CLI"
+        );
+    }
+    tracing::info!(hostname = %config.server.hostname, spool = %config.spool.dir.display(), "mailgate ready");
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new connections; sessions in flight may finish");
+    let _ = shutdown_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let left = limits.drain(config.server.shutdown_grace).await;
+    if left > 0 {
+        tracing::warn!(sessions = left, "sessions still open after the shutdown grace period; closing them");
+    }
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    let _ = maintenance.await;
+    if let Err(e) = spool.close().await {
+        tracing::error!(error = %e, "final spool commit failed");
+    }
+    tracing::info!("mailgate stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// A boxed bidirectional stream (TCP or unix).
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn accept_loop<F, Fut>(
+    l: Listener,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Receiver<bool>,
+    (spool, hostname): (Spool, String),
+    handle: F,
+) where
+    F: Fn(Box<dyn Stream>, Peer, listener::Slot) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let trusted = l.config.trusted_peers.clone();
+    let name = l.config.protocol.as_str();
+    let stop = listener::shutdown_signalled(shutdown);
+    tokio::pin!(stop);
+    loop {
+        let accepted: std::io::Result<(Box<dyn Stream>, Option<std::net::IpAddr>)> = tokio::select! {
+            _ = &mut stop => break,
+            r = accept(&l.bound) => r,
+        };
+        let (stream, ip) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = name, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let trusted_peer = listener::is_trusted(ip, &trusted);
+        match limits.acquire(ip, trusted_peer) {
+            Ok(slot) => {
+                let fut = handle(stream, Peer { ip, trusted: trusted_peer }, slot);
+                tokio::spawn(fut);
+            }
+            Err(why) => {
+                tracing::warn!(client_ip = ?ip, listener = name, why, "connection refused");
+                let (spool, hostname) = (spool.clone(), hostname.clone());
+                tokio::spawn(async move { listener::refuse(stream, &hostname, ip, why, name, &spool).await });
+            }
+        }
+    }
+    if let (Bound::Unix(_), Ok(crate::config::BindAddress::Unix(p))) = (&l.bound, l.config.bind_address()) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+async fn accept(bound: &Bound) -> std::io::Result<(Box<dyn Stream>, Option<std::net::IpAddr>)> {
+    match bound {
+        Bound::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Box::new(s), Some(addr.ip())))
+        }
+        Bound::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s), None))
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The group committer: the one task that makes the spool durable.
+//!
+//! Writers insert first, then send a request. The committer waits for one request, takes every
+//! request already queued behind it, runs `db.flush()` + `sync_data()` on `<dir>/db` once in
+//! `spawn_blocking`, and answers every waiter of that batch with the same result. Requests that
+//! arrive during a flush wait for the next one, whose flush covers their inserts. sled's
+//! `flush_async` is never used (concurrent calls deadlock on 0.34), and the `sync_data` closes
+//! the gap left by sled's `sync_file_range` (no disk cache flush, no metadata).
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::SpoolError;
+
+pub(super) type Waiter = oneshot::Sender<Result<(), SpoolError>>;
+
+pub(super) enum Msg {
+    /// Commit; answer the waiter if there is one (`commit_soon` sends none).
+    Commit(Option<Waiter>),
+    /// Commit, answer, then refuse new requests and end once the queue is empty.
+    Stop(Waiter),
+}
+
+pub(super) struct Committer {
+    db: sled::Db,
+    file: Arc<File>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    flushes: Arc<AtomicU64>,
+}
+
+impl Committer {
+    pub fn new(db: sled::Db, file: File, rx: mpsc::UnboundedReceiver<Msg>, flushes: Arc<AtomicU64>) -> Self {
+        Committer { db, file: Arc::new(file), rx, flushes }
+    }
+
+    pub async fn run(mut self) {
+        while let Some(first) = self.rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = self.rx.try_recv() {
+                batch.push(more);
+            }
+            let (db, file) = (self.db.clone(), self.file.clone());
+            let result = match tokio::task::spawn_blocking(move || flush(&db, &file)).await {
+                Ok(r) => r,
+                Err(e) => Err(SpoolError::Io(std::io::Error::other(format!("commit task failed: {e}")))),
+            };
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = &result {
+                tracing::error!(target: "mailgate::spool", error = %e, batch = batch.len(), "spool commit failed");
+            }
+            let mut stop = false;
+            for msg in batch {
+                let waiter = match msg {
+                    Msg::Commit(w) => w,
+                    Msg::Stop(w) => {
+                        stop = true;
+                        Some(w)
+                    }
+                };
+                if let Some(w) = waiter {
+                    let _ = w.send(result.as_ref().map(|_| ()).map_err(duplicate));
+                }
+            }
+            if stop {
+                // Requests already queued are still answered (the loop runs until the queue is
+                // empty); new ones fail at send time and their callers get `Closed`.
+                self.rx.close();
+            }
+        }
+    }
+}
+
+fn flush(db: &sled::Db, file: &File) -> Result<(), SpoolError> {
+    db.flush()?;
+    file.sync_data()?;
+    Ok(())
+}
+
+/// One commit error, given to every waiter of the batch.
+fn duplicate(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::Storage(e) => SpoolError::Storage(e.clone()),
+        SpoolError::Io(e) => SpoolError::Io(std::io::Error::new(e.kind(), e.to_string())),
+        other => SpoolError::Corrupt(other.to_string()),
+    }
+}

@@ -1,0 +1,165 @@
+//! Key and value encodings of the spool's trees, and the public dedup key builders.
+//!
+//! Every number in a key is big-endian so that sled's byte order is numeric order (FIFO).
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::job::JobState;
+
+/// Largest value written to the raw tree. sled writes a whole page (a leaf holds up to ~17
+/// items) to an unsynced blob file once the page is over ~131 KiB (segment size / 4), so
+/// chunks must stay far below 131 KiB / 17: 4 KiB keeps a full leaf near 70 KiB.
+pub(super) const CHUNK: usize = 4096;
+
+/// A job record whose JSON is longer than this keeps its immutable part in the raw tree
+/// (chunked) and only a small stub in the jobs tree, for the same reason.
+pub(super) const RECORD_INLINE_MAX: usize = 4096;
+
+/// Key of a job record (jobs tree) and prefix of a raw message's chunks (raw tree).
+pub(super) fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+/// State index key: state tag byte + job id.
+pub(super) fn state_key(state: JobState, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = state.tag();
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Lease index key: expiry (unix ms) + job id.
+pub(super) fn lease_key(until_ms: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&until_ms.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub(super) fn parse_lease_key(k: &[u8]) -> Option<(u64, u64)> {
+    if k.len() != 16 {
+        return None;
+    }
+    Some((be_u64(&k[..8])?, be_u64(&k[8..])?))
+}
+
+/// Raw tree key: raw id + chunk index.
+pub(super) fn chunk_key(raw_id: u64, index: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&raw_id.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Dedup tree value: the job id that holds the key + expiry (unix ms).
+pub(super) fn dedup_value(id: u64, expires_ms: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&id.to_be_bytes());
+    v[8..].copy_from_slice(&expires_ms.to_be_bytes());
+    v
+}
+
+pub(super) fn parse_dedup_value(v: &[u8]) -> Option<(u64, u64)> {
+    if v.len() != 16 {
+        return None;
+    }
+    Some((be_u64(&v[..8])?, be_u64(&v[8..])?))
+}
+
+/// Reject log key: unix nanos + sequence number.
+pub(super) fn reject_key(nanos: u64, seq: u32) -> [u8; 12] {
+    chunk_key(nanos, seq)
+}
+
+pub(super) fn parse_reject_key(k: &[u8]) -> Option<(u64, u32)> {
+    if k.len() != 12 {
+        return None;
+    }
+    let seq = u32::from_be_bytes(k[8..].try_into().ok()?);
+    Some((be_u64(&k[..8])?, seq))
+}
+
+pub(super) fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+/// Milliseconds since the epoch (0 before it).
+pub(super) fn unix_ms(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// Nanoseconds since the epoch (0 before it, saturating far in the future).
+pub(super) fn unix_nanos(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos().max(0)).unwrap_or(u64::MAX)
+}
+
+/// Now, in UTC, truncated to whole milliseconds (so it survives the ms lease keys exactly).
+pub(super) fn now_ms_precision() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now - time::Duration::nanoseconds(i64::from(now.nanosecond() % 1_000_000))
+}
+
+/// `t + d`, saturating at year 9999 instead of panicking on absurd durations.
+pub(super) fn add_saturating(t: OffsetDateTime, d: std::time::Duration) -> OffsetDateTime {
+    let far = time::macros::datetime!(9999-12-31 0:00 UTC);
+    time::Duration::try_from(d).ok().and_then(|d| t.checked_add(d)).map_or(far, |x| x.min(far))
+}
+
+fn hashed(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    let mut key = Vec::with_capacity(33);
+    key.push(tag);
+    key.extend_from_slice(&h.finalize());
+    key
+}
+
+/// Dedup key for "the same queue id delivered to the same recipient again" (a Postfix retry
+/// after a lost 250). The recipient is compared case-insensitively. An empty queue id gives an
+/// empty key, which `store` ignores (without a queue id there is nothing to compare).
+pub fn dedup_key_ident(queue_id: &str, rcpt: &str) -> Vec<u8> {
+    if queue_id.is_empty() {
+        return Vec::new();
+    }
+    hashed(b'i', &[queue_id.as_bytes(), rcpt.to_lowercase().as_bytes()])
+}
+
+/// Dedup key for "the same message (Message-ID and body hash) for the same mailbox and key".
+/// An empty Message-ID gives an empty key, which `store` ignores.
+pub fn dedup_key_content(message_id: &str, mailbox: &str, key: &str, body_sha256: &[u8; 32]) -> Vec<u8> {
+    if message_id.is_empty() {
+        return Vec::new();
+    }
+    hashed(b'c', &[message_id.as_bytes(), mailbox.as_bytes(), key.as_bytes(), body_sha256])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numerically_and_round_trip() {
+        assert!(id_key(255) < id_key(256));
+        assert!(state_key(JobState::Ready, 9) < state_key(JobState::Ready, 10));
+        assert_eq!(parse_lease_key(&lease_key(7, 9)), Some((7, 9)));
+        assert_eq!(parse_dedup_value(&dedup_value(3, 4)), Some((3, 4)));
+        assert_eq!(parse_reject_key(&reject_key(5, 6)), Some((5, 6)));
+        assert!(reject_key(5, 7) < reject_key(6, 0));
+    }
+
+    #[test]
+    fn dedup_keys() {
+        assert_eq!(dedup_key_ident("ABC", "User@Example.com"), dedup_key_ident("ABC", "user@example.com"));
+        assert_ne!(dedup_key_ident("ABC", "a@x"), dedup_key_ident("ABD", "a@x"));
+        assert!(dedup_key_ident("", "a@x").is_empty());
+        let h = [1u8; 32];
+        assert_ne!(dedup_key_content("<m@x>", "incoming", "k1", &h), dedup_key_content("<m@x>", "incoming", "k2", &h));
+        // Length prefixes: moving a byte between fields changes the key.
+        assert_ne!(dedup_key_content("<m@x>a", "b", "k", &h), dedup_key_content("<m@x>", "ab", "k", &h));
+        assert!(dedup_key_content("", "incoming", "k", &h).is_empty());
+    }
+}

@@ -1,0 +1,391 @@
+//! The durable spool: jobs, raw messages, states, leases, the dedup index and the reject log,
+//! in one sled database, made durable by one group committer.
+//!
+//! Trees: `jobs` (id -> record), `state` (state tag + id -> mailbox), `leases` (expiry ms + id),
+//! `raw` (blob id + chunk index -> at most 4 KiB), `dedup` (key -> job id + expiry ms),
+//! `rejects` (unix nanos + sequence -> entry JSON). A job record, its state index entry, its
+//! lease entry and its dedup entries always change in one transaction.
+//!
+//! Files: `committer.rs` (group commit), `jobs.rs` (store and state changes), `rejects.rs`
+//! (reject log), `dedup.rs` (dedup lookups and expiry), `raw.rs` (chunked blobs),
+//! `records.rs` (the internal job record), `keys.rs` (encodings, dedup key builders).
+
+mod committer;
+mod dedup;
+mod jobs;
+mod keys;
+mod raw;
+mod records;
+mod rejects;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_queue;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sled::Tree;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::gate::verdict::Reason;
+use crate::job::{Job, JobState, parse_id};
+use crate::reject::RejectEntry;
+use committer::{Committer, Msg};
+use records::StoredJob;
+
+pub use keys::{dedup_key_content, dedup_key_ident};
+
+/// Spool tuning, from `[spool]`.
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    /// How long a dedup key keeps refusing the same message. Zero disables dedup.
+    pub dedup_window: Duration,
+    /// Reject-log entries older than this are pruned (zero: no age limit).
+    pub reject_retention: Duration,
+    /// At most this many reject-log entries are kept, oldest dropped first (zero: no limit).
+    pub reject_max_entries: usize,
+}
+
+impl From<&crate::config::SpoolConfig> for SpoolOptions {
+    fn from(c: &crate::config::SpoolConfig) -> Self {
+        SpoolOptions {
+            dedup_window: c.dedup_window,
+            reject_retention: c.reject_retention,
+            reject_max_entries: c.reject_max_entries,
+        }
+    }
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions::from(&crate::config::SpoolConfig::default())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("job {id} is {state}, not {wanted}")]
+    WrongState { id: String, state: JobState, wanted: &'static str },
+    #[error("spool {} is locked by another process (is `mailgate serve` running?)", .0.display())]
+    Locked(PathBuf),
+    #[error("spool data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the spool is closed")]
+    Closed,
+}
+
+/// A job to store: `job.id` and `job.state` are ignored (the spool assigns both).
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub job: Job,
+    /// Keys from [`dedup_key_ident`] / [`dedup_key_content`]; empty keys are ignored. If any key
+    /// is held by a job stored within the dedup window, this job is a duplicate of that one.
+    pub dedup_keys: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Stored { id: String },
+    Duplicate { id: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub ready: u64,
+    pub leased: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub rejects: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub oldest_ready: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RejectQuery {
+    /// Entries with `at` at or after this time.
+    pub since: Option<OffsetDateTime>,
+    pub reason: Option<Reason>,
+    /// A cursor from an earlier answer: return entries strictly after it.
+    pub after: Option<String>,
+    /// 0 = no limit.
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RejectRecord {
+    pub cursor: String,
+    #[serde(flatten)]
+    pub entry: RejectEntry,
+}
+
+/// The spool. Cheap to clone; every clone is the same database.
+#[derive(Clone)]
+pub struct Spool(Arc<Inner>);
+
+struct Inner {
+    dir: PathBuf,
+    opts: SpoolOptions,
+    db: sled::Db,
+    jobs: Tree,
+    state: Tree,
+    leases: Tree,
+    raw: Tree,
+    dedup: Tree,
+    rejects: Tree,
+    commits: mpsc::UnboundedSender<Msg>,
+    committer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    flushes: Arc<AtomicU64>,
+    /// Jobs per state, indexed by [`state_index`].
+    counts: [AtomicU64; 4],
+    reject_count: AtomicU64,
+    /// Last reject key (nanos, sequence): keys only grow, so a cursor never misses an entry.
+    reject_clock: Mutex<(u64, u32)>,
+    closed: AtomicBool,
+}
+
+fn state_index(s: JobState) -> usize {
+    match s {
+        JobState::Ready => 0,
+        JobState::Leased => 1,
+        JobState::Done => 2,
+        JobState::Dead => 3,
+    }
+}
+
+fn open_error(dir: &Path, e: sled::Error) -> SpoolError {
+    match e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            SpoolError::Locked(dir.to_path_buf())
+        }
+        other => SpoolError::Storage(other),
+    }
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir`. Must be called inside a tokio runtime: it spawns the
+    /// committer task. Another process holding the database gives [`SpoolError::Locked`].
+    pub fn open(dir: &Path, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| SpoolError::Io(std::io::Error::other("Spool::open must run inside a tokio runtime")))?;
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| open_error(dir, e))?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db"))?;
+        // The directory entries of the files sled just created must survive a crash too.
+        std::fs::File::open(dir)?.sync_all()?;
+        let tree = |name: &str| db.open_tree(name);
+        let (jobs, state, leases, raw, dedup, rejects) =
+            (tree("jobs")?, tree("state")?, tree("leases")?, tree("raw")?, tree("dedup")?, tree("rejects")?);
+
+        let counts: [AtomicU64; 4] = Default::default();
+        for s in JobState::ALL {
+            let mut n = 0u64;
+            for item in state.scan_prefix([s.tag()]).keys() {
+                item?;
+                n += 1;
+            }
+            counts[state_index(s)].store(n, Ordering::Relaxed);
+        }
+        let mut reject_count = 0u64;
+        for item in rejects.iter().keys() {
+            item?;
+            reject_count += 1;
+        }
+        let last_reject = match rejects.last()? {
+            Some((k, _)) => keys::parse_reject_key(&k).ok_or_else(|| SpoolError::Corrupt("reject log key".into()))?,
+            None => (0, 0),
+        };
+
+        let (commits, rx) = mpsc::unbounded_channel();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let handle = runtime.spawn(Committer::new(db.clone(), file, rx, flushes.clone()).run());
+        Ok(Spool(Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            opts,
+            db,
+            jobs,
+            state,
+            leases,
+            raw,
+            dedup,
+            rejects,
+            commits,
+            committer: Mutex::new(Some(handle)),
+            flushes,
+            counts,
+            reject_count: AtomicU64::new(reject_count),
+            reject_clock: Mutex::new(last_reject),
+            closed: AtomicBool::new(false),
+        })))
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Returns once everything inserted before the call is durable.
+    pub async fn commit(&self) -> Result<(), SpoolError> {
+        let (tx, rx) = oneshot::channel();
+        self.0.commits.send(Msg::Commit(Some(tx))).map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Asks for a commit without waiting for it.
+    pub fn commit_soon(&self) {
+        let _ = self.0.commits.send(Msg::Commit(None));
+    }
+
+    /// How many flushes the committer has run (each one covers a whole batch of commits).
+    pub fn flush_count(&self) -> u64 {
+        self.0.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Final commit; afterwards every write fails with [`SpoolError::Closed`].
+    pub async fn close(&self) -> Result<(), SpoolError> {
+        if self.0.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let result = match self.0.commits.send(Msg::Stop(tx)) {
+            Ok(()) => rx.await.map_err(|_| SpoolError::Closed).and_then(|r| r),
+            Err(_) => Err(SpoolError::Closed),
+        };
+        let handle = self.0.committer.lock().map(|mut h| h.take()).unwrap_or(None);
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+        result
+    }
+
+    fn check_open(&self) -> Result<(), SpoolError> {
+        if self.0.closed.load(Ordering::Relaxed) { Err(SpoolError::Closed) } else { Ok(()) }
+    }
+
+    fn record(&self, id: u64) -> Result<Option<StoredJob>, SpoolError> {
+        match self.0.jobs.get(keys::id_key(id))? {
+            Some(bytes) => Ok(Some(StoredJob::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Job>, SpoolError> {
+        let Some(n) = parse_id(id) else { return Ok(None) };
+        self.record(n)?.map(|r| r.load(&self.0.raw)).transpose()
+    }
+
+    /// The job's raw message.
+    pub fn raw(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        let Some(n) = parse_id(id) else { return Ok(None) };
+        let Some(rec) = self.record(n)? else { return Ok(None) };
+        match raw::read(&self.0.raw, rec.raw_id)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => Err(SpoolError::Corrupt(format!("job {id}: raw message {} missing", rec.raw_id))),
+        }
+    }
+
+    /// Jobs, oldest first, optionally of one state; `limit` 0 = no limit.
+    pub fn list(&self, state: Option<JobState>, limit: usize) -> Result<Vec<Job>, SpoolError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        match state {
+            None => {
+                for item in self.0.jobs.iter().values() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    out.push(StoredJob::decode(&item?)?.load(&self.0.raw)?);
+                }
+            }
+            Some(s) => {
+                for item in self.0.state.scan_prefix([s.tag()]).keys() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let key = item?;
+                    let id = keys::be_u64(&key[1..]).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
+                    // The job may have changed state since the index was read: skip it then.
+                    if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
+                        out.push(rec.load(&self.0.raw)?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts per state (kept in memory) and the age of the oldest ready job.
+    pub fn stats(&self) -> Result<Stats, SpoolError> {
+        let c = |s: JobState| self.0.counts[state_index(s)].load(Ordering::Relaxed);
+        let oldest_ready = match self.0.state.scan_prefix([JobState::Ready.tag()]).keys().next() {
+            Some(key) => {
+                let key = key?;
+                let id = keys::be_u64(&key[1..]).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
+                self.record(id)?.map(|r| r.job.received_at)
+            }
+            None => None,
+        };
+        Ok(Stats {
+            ready: c(JobState::Ready),
+            leased: c(JobState::Leased),
+            done: c(JobState::Done),
+            dead: c(JobState::Dead),
+            rejects: self.0.reject_count.load(Ordering::Relaxed),
+            oldest_ready,
+        })
+    }
+
+    /// Drops expired dedup entries and reject-log entries past retention or over the maximum;
+    /// returns how many entries were removed.
+    pub async fn prune(&self) -> Result<usize, SpoolError> {
+        self.check_open()?;
+        let removed = self.prune_dedup()? + self.prune_rejects()?;
+        if removed > 0 {
+            self.commit().await?;
+        }
+        Ok(removed)
+    }
+
+    /// Reaps expired leases every second and prunes every minute until `shutdown` is true.
+    pub fn spawn_maintenance(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let spool = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut ticks: u64 = 0;
+            loop {
+                if *shutdown.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = shutdown.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                if let Err(e) = spool.reap_leases().await {
+                    tracing::warn!(target: "mailgate::spool", error = %e, "lease reaper failed");
+                }
+                if ticks.is_multiple_of(60)
+                    && let Err(e) = spool.prune().await
+                {
+                    tracing::warn!(target: "mailgate::spool", error = %e, "spool pruning failed");
+                }
+                ticks += 1;
+            }
+        })
+    }
+}
