@@ -1,0 +1,83 @@
+//! Config parsing tests.
+
+use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[test]
+fn embedded_defaults_match_design() {
+    let c = Config::default();
+    let addrs: Vec<_> = c.listen.iter().map(|l| (l.protocol, l.address.as_str(), l.reply_mode())).collect();
+    assert_eq!(
+        addrs,
+        vec![
+            (Protocol::Smtp, "127.0.0.1:2525", ReplyMode::InSession),
+            (Protocol::Lmtp, "127.0.0.1:2424", ReplyMode::AfterQueue),
+            (Protocol::Policy, "127.0.0.1:10040", ReplyMode::InSession),
+        ]
+    );
+    assert_eq!(c.mailbox[0].address, "incoming+%{key}@localhost");
+    assert_eq!(c.http.listen, "127.0.0.1:8025");
+    assert_eq!(c.spool.dir, PathBuf::from("./mailgate-data"));
+    assert!(c.validate().is_ok());
+}
+
+#[test]
+fn design_example_parses() {
+    let text = r#"
+[server]
+hostname = "mx.example.com"
+[[listen]]
+protocol = "smtp"
+address = "127.0.0.1:2525"
+mode = "in-session"
+trusted_peers = ["127.0.0.1/32", "::1/128"]
+[[listen]]
+protocol = "lmtp"
+address = "unix:/run/mailgate/lmtp.sock"
+[[mailbox]]
+name = "incoming"
+address = "incoming+%{key}@incoming.example.com"
+reply_host = "gitlab.example.com"
+routes = "gitlab"
+[limits]
+max_message_size = 26214400
+max_recipients = 100
+max_connections = 1000
+max_connections_per_ip = 50
+command_timeout = "5m"
+data_timeout = "10m"
+[auth]
+nameservers = []
+spf = "reject-fail"
+dkim = "record"
+dmarc = "enforce"
+[policy]
+auto_submitted = "discard"
+null_sender = "discard"
+[spool]
+dir = "./mailgate-data"
+[http]
+listen = "127.0.0.1:8025"
+token_file = ""
+[[deliver]]
+kind = "mailroom"
+mailboxes = ["incoming"]
+url = "https://gitlab.example.com/api/v4/internal/mail_room/incoming_email"
+secret_file = "/etc/mailgate/incoming_email_secret"
+concurrency = 4
+timeout = "30s"
+retry = ["1m", "5m"]
+"#;
+    let c = Config::from_toml(text, Path::new("t.toml")).unwrap();
+    assert_eq!(c.listen[1].reply_mode(), ReplyMode::AfterQueue);
+    assert_eq!(c.listen[1].bind_address().unwrap(), BindAddress::Unix("/run/mailgate/lmtp.sock".into()));
+    assert_eq!(c.limits.command_timeout, Duration::from_secs(300));
+    assert_eq!(c.server.hostname, "mx.example.com");
+}
+
+#[test]
+fn typos_are_errors() {
+    let e = Config::from_toml("[limits]\nmax_mesage_size = 1\n", Path::new("t.toml")).unwrap_err();
+    assert!(e.to_string().contains("max_mesage_size"), "{e}");
+}
