@@ -26,27 +26,26 @@ pub(super) enum Msg {
 
 pub(super) struct Committer {
     db: sled::Db,
-    file: Arc<File>,
+    file: File,
     rx: mpsc::UnboundedReceiver<Msg>,
     flushes: Arc<AtomicU64>,
 }
 
 impl Committer {
     pub fn new(db: sled::Db, file: File, rx: mpsc::UnboundedReceiver<Msg>, flushes: Arc<AtomicU64>) -> Self {
-        Committer { db, file: Arc::new(file), rx, flushes }
+        Committer { db, file, rx, flushes }
     }
 
-    pub async fn run(mut self) {
-        while let Some(first) = self.rx.recv().await {
+    /// Runs on its own thread until the channel closes: no hop through tokio's blocking pool
+    /// per batch, and the sessions' worker threads never wait on the disk.
+    pub fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
             let mut batch = vec![first];
             while let Ok(more) = self.rx.try_recv() {
                 batch.push(more);
             }
-            let (db, file) = (self.db.clone(), self.file.clone());
-            let result = match tokio::task::spawn_blocking(move || flush(&db, &file)).await {
-                Ok(r) => r,
-                Err(e) => Err(SpoolError::Io(std::io::Error::other(format!("commit task failed: {e}")))),
-            };
+            tracing::debug!(target: "mailgate::commit", batch = batch.len(), "batch");
+            let result = flush(&self.db, &self.file);
             self.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &result {
                 tracing::error!(target: "mailgate::spool", error = %e, batch = batch.len(), "spool commit failed");
@@ -74,8 +73,11 @@ impl Committer {
 }
 
 fn flush(db: &sled::Db, file: &File) -> Result<(), SpoolError> {
+    let t0 = std::time::Instant::now();
     db.flush()?;
+    let t1 = std::time::Instant::now();
     file.sync_data()?;
+    tracing::debug!(target: "mailgate::commit", flush_us = (t1 - t0).as_micros() as u64, sync_us = t1.elapsed().as_micros() as u64, "commit");
     Ok(())
 }
 

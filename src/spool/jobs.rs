@@ -64,10 +64,6 @@ pub(super) fn tx_error(e: TransactionError<SpoolError>) -> SpoolError {
     }
 }
 
-fn join_error(e: tokio::task::JoinError) -> SpoolError {
-    SpoolError::Io(std::io::Error::other(format!("spool task failed: {e}")))
-}
-
 impl Spool {
     /// Stores one message and its jobs (one per accepted mailbox and key); the raw message is
     /// stored once. One outcome per job, in order. Returns only after the commit.
@@ -76,9 +72,9 @@ impl Spool {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let (spool, raw) = (self.clone(), raw.to_vec());
-        let outcomes =
-            tokio::task::spawn_blocking(move || spool.store_blocking(&raw, jobs)).await.map_err(join_error)??;
+        // sled inserts are memory operations (the disk work is the committer's), so they run
+        // on the session's worker: no thread hop and no copy of the message.
+        let outcomes = self.store_blocking(raw, jobs)?;
         self.commit().await?;
         Ok(outcomes)
     }

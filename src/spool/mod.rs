@@ -11,6 +11,9 @@
 //! `records.rs` (the internal job record), `keys.rs` (encodings, dedup key builders).
 
 mod committer;
+
+/// sled's page cache (its default, 1 GiB, would dominate the server's memory).
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 mod dedup;
 mod jobs;
 mod keys;
@@ -144,7 +147,7 @@ struct Inner {
     dedup: Tree,
     rejects: Tree,
     commits: mpsc::UnboundedSender<Msg>,
-    committer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     flushes: Arc<AtomicU64>,
     /// Jobs per state, indexed by [`state_index`].
     counts: [AtomicU64; 4],
@@ -176,10 +179,15 @@ impl Spool {
     /// Opens (creating) the spool in `dir`. Must be called inside a tokio runtime: it spawns the
     /// committer task. Another process holding the database gives [`SpoolError::Locked`].
     pub fn open(dir: &Path, opts: SpoolOptions) -> Result<Spool, SpoolError> {
-        let runtime = tokio::runtime::Handle::try_current()
+        let _runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| SpoolError::Io(std::io::Error::other("Spool::open must run inside a tokio runtime")))?;
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| open_error(dir, e))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(|e| open_error(dir, e))?;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db"))?;
         // The directory entries of the files sled just created must survive a crash too.
         std::fs::File::open(dir)?.sync_all()?;
@@ -208,7 +216,8 @@ impl Spool {
 
         let (commits, rx) = mpsc::unbounded_channel();
         let flushes = Arc::new(AtomicU64::new(0));
-        let handle = runtime.spawn(Committer::new(db.clone(), file, rx, flushes.clone()).run());
+        let committer = Committer::new(db.clone(), file, rx, flushes.clone());
+        let handle = std::thread::Builder::new().name("mailgate-commit".into()).spawn(move || committer.run())?;
         Ok(Spool(Arc::new(Inner {
             dir: dir.to_path_buf(),
             opts,
@@ -263,7 +272,7 @@ impl Spool {
         };
         let handle = self.0.committer.lock().map(|mut h| h.take()).unwrap_or(None);
         if let Some(handle) = handle {
-            let _ = handle.await;
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         result
     }
