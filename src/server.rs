@@ -188,6 +188,22 @@ async fn accept_loop<F, Fut>(
             }
         };
         let trusted_peer = listener::is_trusted(ip, &trusted);
+        if l.config.protocol == Protocol::Policy {
+            // The policy service tells whoever asks which keys are valid: Postfix (a trusted
+            // peer) only. Refusals are closes: Postfix speaks no SMTP on this socket.
+            let refused = if !trusted_peer { Some("peer not in trusted_peers") } else { None };
+            let slot = match refused {
+                Some(why) => Err(why),
+                None => limits.acquire(ip, true),
+            };
+            match slot {
+                Ok(slot) => {
+                    tokio::spawn(handle(stream, Peer { ip, trusted: true }, slot));
+                }
+                Err(why) => tracing::warn!(client_ip = ?ip, listener = name, why, "policy connection closed"),
+            }
+            continue;
+        }
         match limits.acquire(ip, trusted_peer) {
             Ok(slot) => {
                 let fut = handle(stream, Peer { ip, trusted: trusted_peer }, slot);

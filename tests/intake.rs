@@ -300,3 +300,54 @@ fn unix_socket_lmtp_listener() {
     assert!(!sock.exists(), "socket removed on shutdown");
     assert_eq!(jobs(&config).len(), 1);
 }
+
+/// Postfix policy delegation over real TCP: persistent connection, one answer per request,
+/// refusals in the reject log; untrusted peers get no answer at all.
+#[test]
+fn policy_service_answers_postfix_and_nobody_else() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let untrusted = free_port();
+    let listeners = format!(
+        "[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:{}\"\n[[listen]]\nprotocol = \"policy\"\naddress = \"127.0.0.1:{}\"\n[[listen]]\nprotocol = \"policy\"\naddress = \"127.0.0.1:{untrusted}\"\ntrusted_peers = []\n",
+        ports.smtp, ports.policy
+    );
+    let config = write_config(dir.path(), &ports, &listeners, "");
+    let _server = Server::start(&config, ports.policy, ports.http);
+    let s = std::net::TcpStream::connect(("127.0.0.1", ports.policy)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut ask = |rcpt: &str| -> String {
+        write!(
+            w,
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address=198.51.100.7\nhelo_name=mx.example.net\nsender=bob@example.net\nrecipient={rcpt}\nqueue_id=\nsize=0\nfuture_attribute=ignored\n\n"
+        )
+        .unwrap();
+        let mut action = String::new();
+        r.read_line(&mut action).unwrap();
+        let mut blank = String::new();
+        r.read_line(&mut blank).unwrap();
+        assert_eq!(blank, "\n");
+        action.trim_end().to_string()
+    };
+    assert_eq!(ask(&format!("incoming+{KEY}@localhost")), "action=DUNNO");
+    let a = ask("incoming+nokey@localhost");
+    assert!(a.starts_with("action=550 5.1.1 "), "{a}");
+    assert_eq!(ask("someone@elsewhere.example"), "action=DUNNO", "not our domain");
+    let entries = json_values(&stdout(&cli(&config, &["rejects", "--json"])));
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["listener"], "policy");
+    assert_eq!(entries[0]["stage"], "rcpt");
+    assert_eq!(entries[0]["client_ip"], "198.51.100.7");
+    assert_eq!(entries[0]["reason"], "unknown_key");
+
+    let mut other = std::net::TcpStream::connect(("127.0.0.1", untrusted)).unwrap();
+    other.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let _ = other.write_all(b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=incoming+x@localhost\n\n");
+    let mut buf = String::new();
+    use std::io::Read;
+    let _ = other.read_to_string(&mut buf);
+    assert_eq!(buf, "", "an untrusted peer gets no answer");
+}

@@ -441,6 +441,13 @@ impl Config {
             if let Err(e) = l.socket_mode() {
                 out.push(e.to_string());
             }
+            if l.tls.is_some() || l.implicit_tls || l.require_tls {
+                out.push(format!(
+                    "listener {}: tls, implicit_tls and require_tls are not implemented in this version; \
+                     remove them (a listener would otherwise accept plaintext while you expect TLS)",
+                    l.address
+                ));
+            }
             if l.protocol == Protocol::Policy && l.mode.is_some() {
                 out.push(format!("listener {}: mode applies to smtp and lmtp only", l.address));
             }

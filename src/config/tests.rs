@@ -81,3 +81,10 @@ fn typos_are_errors() {
     let e = Config::from_toml("[limits]\nmax_mesage_size = 1\n", Path::new("t.toml")).unwrap_err();
     assert!(e.to_string().contains("max_mesage_size"), "{e}");
 }
+
+#[test]
+fn tls_settings_are_refused_until_tls_exists() {
+    let text = "[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:2525\"\nrequire_tls = true\n";
+    let e = Config::from_toml(text, Path::new("t.toml")).unwrap_err();
+    assert!(e.to_string().contains("not implemented"), "{e}");
+}

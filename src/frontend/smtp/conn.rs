@@ -27,11 +27,22 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How a session ended, for its log event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseCause {
-    Quit,
+    /// The session closed itself: QUIT, too many errors, timeout or shutdown.
+    Server(&'static str),
+    /// The client closed the connection.
     PeerClosed,
-    Timeout,
-    Shutdown,
+    /// A read or write failed.
     Error,
+}
+
+impl std::fmt::Display for CloseCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseCause::Server(why) => f.write_str(why),
+            CloseCause::PeerClosed => f.write_str("peer_closed"),
+            CloseCause::Error => f.write_str("io_error"),
+        }
+    }
 }
 
 /// Runs one SMTP or LMTP session to its end.
@@ -58,7 +69,7 @@ where
             }
             Event::Close => {
                 let _ = write(&mut stream, &mut out).await;
-                break if session.is_closed() { CloseCause::Quit } else { CloseCause::Error };
+                break CloseCause::Server(session.close_cause().unwrap_or("closed"));
             }
             Event::NeedInput => {
                 if write(&mut stream, &mut out).await.is_err() {
@@ -67,7 +78,7 @@ where
                 if *shutdown.borrow() && !session.in_data() {
                     session.shutdown(&mut out);
                     let _ = write(&mut stream, &mut out).await;
-                    break CloseCause::Shutdown;
+                    break CloseCause::Server("shutdown");
                 }
                 let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
                 let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
@@ -81,7 +92,7 @@ where
                             session.timeout(&mut out);
                             flush_rejects(&mut session, &ctx.spool);
                             let _ = write(&mut stream, &mut out).await;
-                            break CloseCause::Timeout;
+                            break CloseCause::Server("timeout");
                         }
                     },
                     _ = shutdown.changed(), if !session.in_data() => {}
@@ -94,14 +105,14 @@ where
     tracing::info!(
         target: "mailgate::session",
         listener = ctx.session.listener,
-        client_ip = %session.client_ip(),
+        peer_ip = %peer.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "unix".into()),
         helo = %session.helo(),
         messages = stats.messages,
         jobs = stats.jobs,
         duplicates = stats.duplicates,
         refusals = stats.refusals,
         duration_ms = started.elapsed().as_millis() as u64,
-        close = ?cause,
+        close = %cause,
         "session closed"
     );
     cause

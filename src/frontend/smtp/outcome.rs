@@ -133,7 +133,16 @@ impl Session {
         }
         self.stats.jobs += outcomes.iter().filter(|o| matches!(o, StoreOutcome::Stored { .. })).count() as u32;
         self.stats.duplicates += outcomes.iter().filter(|o| matches!(o, StoreOutcome::Duplicate { .. })).count() as u32;
+        // SMTP has one reply after DATA: when some recipients were stored the client heard 250,
+        // so recipients refused at this point were discarded, not refused.
+        let one_reply_ok = !self.cfg.lmtp && (!ids.is_empty() || !dup_ids.is_empty());
         for (action, reply, reason, rcpt_to) in logs {
+            let (action, reply) = if one_reply_ok && action != Action::Discard {
+                let text = format!("Ok: discarded ({}: {})", reason.as_str(), reply.text);
+                (Action::Discard, Reply::new(250, "2.0.0", text))
+            } else {
+                (action, reply)
+            };
             self.log_entry(Stage::Data, action, &reply, reason, rcpt_to, info.message_id.clone(), info.subject.clone());
         }
         if self.cfg.lmtp {

@@ -89,6 +89,8 @@ pub struct Session {
     pub(super) state: State,
     errors: u32,
     discarding_line: bool,
+    /// Why the server closed the session (for its log event).
+    close_cause: Option<&'static str>,
     pub(super) rejects: Vec<RejectEntry>,
     pub(super) stats: SessionStats,
 }
@@ -106,6 +108,7 @@ impl Session {
             state: State::Command,
             errors: 0,
             discarding_line: false,
+            close_cause: None,
             rejects: Vec::new(),
             stats: SessionStats::default(),
         }
@@ -122,6 +125,11 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// Why the session closed itself: quit, too_many_errors, timeout, shutdown.
+    pub fn close_cause(&self) -> Option<&'static str> {
+        self.close_cause
     }
 
     pub fn stats(&self) -> &SessionStats {
@@ -253,6 +261,7 @@ impl Session {
             Request::Noop { .. } => Reply::new(250, "2.0.0", "Ok").write_to(out),
             Request::Quit => {
                 Reply::new(221, "2.0.0", "Bye").write_to(out);
+                self.close_cause = Some("quit");
                 self.state = State::Closed;
             }
             Request::Vrfy { .. } => {
@@ -312,7 +321,7 @@ impl Session {
         }
         match xforward::apply(&mut self.fwd, args) {
             Ok(()) => Reply::new(250, "2.0.0", "Ok").write_to(out),
-            Err(e) => self.bad(out, Reason::BadCommand, Reply::new(501, "5.5.4", format!("Error: {e:?}"))),
+            Err(e) => self.bad(out, Reason::BadCommand, Reply::new(501, "5.5.4", format!("Error: {e}"))),
         }
     }
 
@@ -414,7 +423,8 @@ impl Session {
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
             let reply = Reply::new(421, "4.7.0", format!("{} Error: too many errors", self.cfg.hostname));
-            self.log(Action::Reject, &reply, Reason::TooManyErrors, Vec::new());
+            self.log(Action::Tempfail, &reply, Reason::TooManyErrors, Vec::new());
+            self.close_cause = Some("too_many_errors");
             reply.write_to(out);
             self.state = State::Closed;
         }
@@ -425,6 +435,7 @@ impl Session {
         let reply = Reply::new(421, "4.4.2", format!("{} Error: timeout exceeded", self.cfg.hostname));
         self.log(Action::Tempfail, &reply, Reason::Timeout, Vec::new());
         reply.write_to(out);
+        self.close_cause = Some("timeout");
         self.state = State::Closed;
     }
 
@@ -435,6 +446,7 @@ impl Session {
             self.log(Action::Tempfail, &reply, Reason::Shutdown, Vec::new());
         }
         reply.write_to(out);
+        self.close_cause = Some("shutdown");
         self.state = State::Closed;
     }
 

@@ -361,3 +361,26 @@ fn byte_by_byte_input_works() {
     }
     assert!(all.last().unwrap().starts_with("250 2.0.0 Ok: queued as"), "{all:?}");
 }
+
+#[test]
+fn smtp_recipient_dropped_after_250_is_logged_as_a_discard() {
+    let mut h = Harness::new(false, false, false);
+    h.ehlo();
+    // the base address needs a key from the headers; this message has none
+    h.send(format!("MAIL FROM:<a@example.org>\r\nRCPT TO:<incoming+{KEY}@localhost>\r\nRCPT TO:<incoming@localhost>\r\nDATA\r\n").as_bytes());
+    let r = h.send(message("partial").as_bytes());
+    assert!(r[0].starts_with("250 2.0.0 Ok: queued as"), "{r:?}");
+    let e = h.s.take_rejects();
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].action, e[0].code, e[0].reason), (Action::Discard, 250, Reason::UnknownKey));
+    assert_eq!(e[0].rcpt_to, vec!["incoming@localhost"]);
+}
+
+#[test]
+fn too_many_errors_is_a_tempfail_in_the_log() {
+    let mut h = Harness::new(false, false, false);
+    h.send(&b"FOO\r\n".repeat(8));
+    let last = h.s.take_rejects().pop().unwrap();
+    assert_eq!((last.reason, last.action, last.code), (Reason::TooManyErrors, Action::Tempfail, 421));
+    assert_eq!(h.s.close_cause(), Some("too_many_errors"));
+}

@@ -15,9 +15,11 @@ pub struct Forwarded {
 /// The capability line's attribute list.
 pub const ATTRIBUTES: &str = "NAME ADDR PORT PROTO HELO IDENT SOURCE";
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum XforwardError {
+    #[error("XFORWARD syntax: {0}")]
     Syntax(String),
+    #[error("unknown XFORWARD attribute {0}")]
     UnknownAttribute(String),
 }
 
