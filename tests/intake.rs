@@ -72,7 +72,11 @@ fn smtp_reply_becomes_a_job_and_refusals_are_logged() {
     // the reject log also goes to the tracing output, one JSON line per entry
     assert_eq!(server.stop(), Some(0), "clean exit on SIGTERM");
     let log = server.log_text();
-    assert!(log.lines().any(|l| l.contains("\"reason\":\"unknown_key\"")), "{log}");
+    let line = log.lines().find(|l| l.contains("\"reason\":\"unknown_key\"")).unwrap_or_else(|| panic!("{log}"));
+    assert!(!line.contains('\x1b'), "no colour codes in a log file: {line:?}");
+    let json = &line[line.find('{').unwrap()..];
+    let entry: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(entry["stage"], "rcpt");
 
     // with the server stopped the CLI opens the spool directly
     let list = jobs(&config);
@@ -350,4 +354,34 @@ fn policy_service_answers_postfix_and_nobody_else() {
     use std::io::Read;
     let _ = other.read_to_string(&mut buf);
     assert_eq!(buf, "", "an untrusted peer gets no answer");
+}
+
+/// SIGTERM: stop accepting; a session in the middle of DATA finishes and hears 250; an idle
+/// session is told 421; the spool is committed and the job is there after the exit.
+#[test]
+fn sigterm_lets_sessions_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let config = write_config(dir.path(), &ports, "", "");
+    let mut server = Server::start(&config, ports.smtp, ports.http);
+    let mut busy = Client::connect(ports.smtp);
+    let mut idle = Client::connect(ports.smtp);
+    busy.cmd("EHLO busy.example");
+    idle.cmd("EHLO idle.example");
+    assert!(busy.cmd("MAIL FROM:<a@example.org>").starts_with("250"));
+    assert!(busy.cmd(&format!("RCPT TO:<incoming+{KEY}@localhost>")).starts_with("250"));
+    assert!(busy.cmd("DATA").starts_with("354"));
+    busy.send_raw(b"Subject: in flight\r\nMessage-ID: <flight@x>\r\n\r\nfirst half\r\n");
+    signal(server.pid(), "TERM");
+    let r = idle.read_to_end();
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", ports.smtp)).is_err(), "no new connections");
+    busy.send_raw(b"second half\r\n.\r\n");
+    let r = busy.reply();
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    assert_eq!(server.stop(), Some(0));
+    let list = json_values(&stdout(&cli(&config, &["queue", "list", "--json"])));
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["message"]["subject"], "in flight");
 }
