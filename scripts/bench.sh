@@ -113,5 +113,6 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo '```'
   echo
   echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
+  cat docs/bench-analysis.md
 } > docs/BENCHMARKS.md
 cat docs/BENCHMARKS.md
