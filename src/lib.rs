@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: frontends (protocols) -> gate (decisions) -> spool (sled) -> delivery.
 
+pub mod auth;
 pub mod config;
 pub mod frontend;
 pub mod gate;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, ListenConfig, Protocol, ReplyMode};
 use crate::frontend::listener::{self, Bound, ConnLimits};
 use crate::frontend::policy;
@@ -24,6 +25,8 @@ pub enum ServerError {
     Spool { dir: String, source: SpoolError },
     #[error("cannot listen on {address}: {source}")]
     Bind { address: String, source: std::io::Error },
+    #[error("sender authentication: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -35,7 +38,11 @@ struct Listener {
 
 pub async fn serve(config: Config) -> Result<(), ServerError> {
     config.validate()?;
-    let gate = Arc::new(Gate::new(&config.mailbox, &config.policy)?);
+    let gate = Arc::new(Gate::new(&config.mailbox, &config.policy)?.with_auth(&config.auth));
+    let verify = gate.any_policy(crate::gate::auth::AuthPolicy::needs_checks);
+    let verify_spf = gate.any_policy(crate::gate::auth::AuthPolicy::needs_spf);
+    // One shared authenticator (DNS resolver and caches) for every session.
+    let auth = if verify { Some(Authenticator::new(&config.auth)?) } else { None };
     let spool = Spool::open(&config.spool.dir, SpoolOptions::from(&config.spool))
         .map_err(|source| ServerError::Spool { dir: config.spool.dir.display().to_string(), source })?;
     let token = config.http.token()?;
@@ -81,6 +88,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
         let lmtp = l.config.protocol == Protocol::Lmtp;
         let ctx = Arc::new(ConnContext {
             spool: spool.clone(),
+            auth: auth.clone(),
             gate: gate.clone(),
             session: Arc::new(SessionConfig {
                 hostname: config.server.hostname.clone(),
@@ -91,6 +99,8 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
                 max_recipients: config.limits.max_recipients,
                 max_errors: config.limits.max_errors,
                 max_line_length: config.limits.max_line_length,
+                verify,
+                verify_spf,
             }),
             command_timeout: config.limits.command_timeout,
             data_timeout: config.limits.data_timeout,

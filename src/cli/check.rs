@@ -181,36 +181,30 @@ fn token_checks(config: &Config, f: &mut Findings) {
     }
 }
 
+/// Sender authentication: what is checked, and whether the resolver can be set up.
+fn auth_checks(config: &Config, f: &mut Findings) {
+    let a = &config.auth;
+    let resolver = if a.nameservers.is_empty() {
+        "the system resolver (/etc/resolv.conf)".to_string()
+    } else {
+        a.nameservers.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let overrides = config.mailbox.iter().filter(|m| m.auth.is_some()).count();
+    f.ok(format!(
+        "sender authentication: spf = {}, dkim = {}, dmarc = {}, {} trusted ARC sealer(s), {overrides} mailbox override(s); DNS from {resolver}",
+        a.spf,
+        a.dkim,
+        a.dmarc,
+        a.trusted_arc_sealers.len()
+    ));
+    if let Err(e) = mailgate::auth::Authenticator::new(a) {
+        f.error(format!("sender authentication cannot start its resolver: {e}"));
+    }
+}
+
 /// Settings that are parsed but that this version does not act on.
 fn not_implemented_checks(config: &Config, f: &mut Findings) {
-    let a = &config.auth;
-    let mut active = Vec::new();
-    if a.spf != "off" {
-        active.push(format!("spf = {:?}", a.spf));
-    }
-    if a.dkim != "record" {
-        active.push(format!("dkim = {:?}", a.dkim));
-    }
-    if a.dmarc != "off" {
-        active.push(format!("dmarc = {:?}", a.dmarc));
-    }
-    if !a.nameservers.is_empty() {
-        active.push("nameservers".into());
-    }
-    if !a.trusted_arc_sealers.is_empty() {
-        active.push("trusted_arc_sealers".into());
-    }
-    for m in config.mailbox.iter().filter(|m| m.auth.is_some()) {
-        active.push(format!("the [mailbox.auth] of {}", m.name));
-    }
-    if !active.is_empty() {
-        f.warning(format!(
-            "sender authentication (SPF, DKIM, DMARC, ARC) is not implemented yet: [auth] {} {} not acted on; no \
-             message is checked or refused for it",
-            active.join(", "),
-            if active.len() == 1 { "is" } else { "are" }
-        ));
-    }
+    auth_checks(config, f);
     for d in &config.deliver {
         f.warning(format!(
             "push delivery is not implemented yet: [[deliver]] kind = {:?}{} is not acted on; jobs wait in the \

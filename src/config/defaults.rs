@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{ListenConfig, MailboxConfig, Protocol, RefusalAction, RouteSet};
+use super::{DkimMode, DmarcMode, ListenConfig, MailboxConfig, Protocol, RefusalAction, RouteSet, SpfMode};
 
 pub(super) fn default_hostname() -> String {
     let h = gethostname::gethostname().to_string_lossy().trim().to_string();
@@ -76,14 +76,17 @@ pub(super) fn default_max_errors() -> u32 {
 pub(super) fn default_max_line_length() -> usize {
     1000
 }
-pub(super) fn default_spf() -> String {
-    "reject-fail".into()
+pub(super) fn default_spf() -> SpfMode {
+    SpfMode::RejectFail
 }
-pub(super) fn default_dkim() -> String {
-    "record".into()
+pub(super) fn default_dkim() -> DkimMode {
+    DkimMode::Record
 }
-pub(super) fn default_dmarc() -> String {
-    "enforce".into()
+pub(super) fn default_dmarc() -> DmarcMode {
+    DmarcMode::Enforce
+}
+pub(super) fn default_auth_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 pub(super) fn default_discard() -> RefusalAction {
     RefusalAction::Discard

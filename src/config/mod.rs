@@ -188,9 +188,9 @@ pub struct MailboxConfig {
     pub reply_host: Option<String>,
     #[serde(default = "default_routes")]
     pub routes: RouteSet,
-    /// Per-mailbox overrides of `[auth]` (sender authentication).
+    /// Per-mailbox partial override of `[auth]` (sender authentication).
     #[serde(default)]
-    pub auth: Option<AuthConfig>,
+    pub auth: Option<MailboxAuthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,35 +231,6 @@ impl Default for LimitsConfig {
             session_timeout: default_session_timeout(),
             max_errors: default_max_errors(),
             max_line_length: default_max_line_length(),
-        }
-    }
-}
-
-/// Sender authentication (SPF, DKIM, DMARC, ARC): parsed and validated; the checks themselves
-/// arrive with the authentication work (see docs/configuration.md).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    #[serde(default)]
-    pub nameservers: Vec<String>,
-    #[serde(default = "default_spf")]
-    pub spf: String,
-    #[serde(default = "default_dkim")]
-    pub dkim: String,
-    #[serde(default = "default_dmarc")]
-    pub dmarc: String,
-    #[serde(default)]
-    pub trusted_arc_sealers: Vec<String>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            nameservers: Vec::new(),
-            spf: default_spf(),
-            dkim: default_dkim(),
-            dmarc: default_dmarc(),
-            trusted_arc_sealers: Vec::new(),
         }
     }
 }
@@ -473,15 +444,8 @@ impl Config {
         if self.limits.max_line_length < 80 {
             out.push("[limits] max_line_length must be at least 80".into());
         }
-        for (key, value, allowed) in [
-            ("spf", &self.auth.spf, &["off", "record", "reject-fail", "reject-softfail"][..]),
-            ("dkim", &self.auth.dkim, &["record", "require-pass"][..]),
-            ("dmarc", &self.auth.dmarc, &["off", "record", "enforce", "require-pass"][..]),
-        ] {
-            if !allowed.contains(&value.as_str()) {
-                out.push(format!("[auth] {key} = {value:?}: expected one of {}", allowed.join(", ")));
-            }
-        }
+        let mailbox_auth = self.mailbox.iter().filter_map(|m| Some((m.name.as_str(), m.auth.as_ref()?)));
+        out.extend(self.auth.problems(mailbox_auth));
         for d in &self.deliver {
             if !["mailroom", "webhook", "sidekiq"].contains(&d.kind.as_str()) {
                 out.push(format!("[[deliver]] kind = {:?}: expected mailroom, webhook or sidekiq", d.kind));
@@ -494,8 +458,11 @@ impl Config {
     }
 }
 
+mod auth;
 mod defaults;
 #[cfg(test)]
 mod tests;
+
+pub use auth::{AuthConfig, AuthOverride, DkimMode, DmarcMode, MailboxAuthConfig, RouteAuthOverrides, SpfMode};
 
 use defaults::*;

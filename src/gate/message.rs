@@ -4,8 +4,10 @@
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use super::auth;
 use super::verdict::Verdict;
 use super::{Gate, Target};
+use crate::auth::{MessageCheck, SpfCheck};
 use crate::job::{AuthResults, Envelope, Job, JobState, KeySource, MessageInfo, Route};
 use crate::spool::{NewJob, dedup_key_content, dedup_key_ident};
 
@@ -33,6 +35,8 @@ pub struct Decision {
     /// One per recipient, in RCPT order.
     pub per_rcpt: Vec<RcptOutcome>,
     pub info: MessageInfo,
+    /// The Authentication-Results header to prepend to the stored message, when checks ran.
+    pub results_header: Option<String>,
 }
 
 impl Decision {
@@ -56,6 +60,16 @@ pub struct MessageContext<'a> {
     pub raw: &'a [u8],
     pub authserv_id: &'a str,
     pub after_queue: bool,
+    /// Sender-authentication results, when the checks ran.
+    pub auth: Option<AuthInput<'a>>,
+}
+
+/// What the authentication checks found for the message.
+#[derive(Clone, Copy)]
+pub struct AuthInput<'a> {
+    pub spf: &'a SpfCheck,
+    pub msg: &'a MessageCheck,
+    pub ip: std::net::IpAddr,
 }
 
 /// Decides a whole message. In after-queue mode every refusal becomes a discard.
@@ -75,6 +89,7 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
             jobs: Vec::new(),
             per_rcpt: rcpts.iter().map(|_| RcptOutcome::Refused(v.clone())).collect(),
             info,
+            results_header: None,
         };
     }
 
@@ -99,6 +114,16 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
                 continue;
             }
         };
+        // Sender authentication, with this recipient's mailbox and route policy.
+        let mut arc_override = false;
+        if let Some(a) = &ctx.auth {
+            let d = auth::message_verdict(&gate.auth_policy(&target.mailbox, Some(route)), a.spf, a.msg);
+            if d.verdict != Verdict::Accept {
+                per_rcpt.push(RcptOutcome::Refused(adjust(d.verdict)));
+                continue;
+            }
+            arc_override = d.arc_override;
+        }
         let existing = jobs.iter().position(|j| j.job.mailbox == target.mailbox && j.job.key == key);
         let index = match existing {
             Some(i) => i,
@@ -108,13 +133,17 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
             }
         };
         let job = &mut jobs[index];
+        if let Some(a) = &ctx.auth {
+            job.job.auth = auth::job_results(ctx.authserv_id, a.spf, a.msg, arc_override);
+        }
         job.job.envelope.rcpt_to.push(rcpt.address.clone());
         if !ctx.envelope.queue_id.is_empty() {
             job.dedup_keys.push(dedup_key_ident(&ctx.envelope.queue_id, &rcpt.address));
         }
         per_rcpt.push(RcptOutcome::Job(index));
     }
-    Decision { jobs, per_rcpt, info }
+    let results_header = ctx.auth.map(|a| auth::results_header(ctx.authserv_id, a.spf, a.msg, a.ip));
+    Decision { jobs, per_rcpt, info, results_header }
 }
 
 fn new_job(
@@ -178,7 +207,7 @@ mod tests {
     }
 
     fn ctx<'a>(env: &'a Envelope, raw: &'a [u8], after_queue: bool) -> MessageContext<'a> {
-        MessageContext { envelope: env, raw, authserv_id: "mx.test", after_queue }
+        MessageContext { envelope: env, raw, authserv_id: "mx.test", after_queue, auth: None }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Every decision, shared by all frontends. No I/O.
 
 pub mod address;
+pub mod auth;
 pub mod autoreply;
 pub mod headers;
 pub mod message;
@@ -36,6 +37,9 @@ pub struct Target {
 pub struct Gate {
     templates: Vec<Template>,
     policy: PolicyConfig,
+    /// `[auth]`, and each mailbox's partial override (sender authentication policy).
+    auth: crate::config::AuthConfig,
+    mailbox_auth: std::collections::HashMap<String, crate::config::MailboxAuthConfig>,
 }
 
 fn unknown_key(text: &str) -> Verdict {
@@ -70,7 +74,34 @@ impl Gate {
             }
             templates.push(t);
         }
-        Ok(Gate { templates, policy: policy.clone() })
+        let mailbox_auth = mailboxes.iter().filter_map(|m| Some((m.name.clone(), m.auth.clone()?))).collect();
+        Ok(Gate { templates, policy: policy.clone(), auth: Default::default(), mailbox_auth })
+    }
+
+    /// Sets `[auth]`, the global sender-authentication settings the mailboxes override.
+    pub fn with_auth(mut self, auth: &crate::config::AuthConfig) -> Gate {
+        self.auth = auth.clone();
+        self
+    }
+
+    /// The effective sender-authentication policy for a mailbox and (when known) a route.
+    pub fn auth_policy(&self, mailbox: &str, route: Option<crate::job::Route>) -> auth::AuthPolicy {
+        auth::policy_for(&self.auth, self.mailbox_auth.get(mailbox), route)
+    }
+
+    /// Whether any mailbox or route needs sender authentication (`what` picks the test:
+    /// `AuthPolicy::needs_checks` for any check at all, `AuthPolicy::needs_spf` for SPF).
+    pub fn any_policy(&self, what: fn(&auth::AuthPolicy) -> bool) -> bool {
+        use crate::job::Route::*;
+        let routes = [Reply, NewIssue, NoteOnIssuable, Unsubscribe, NewMergeRequest, ServiceDesk, Key, Unknown];
+        self.templates
+            .iter()
+            .any(|t| routes.iter().map(|r| Some(*r)).chain([None]).any(|r| what(&self.auth_policy(&t.mailbox, r))))
+    }
+
+    /// RCPT-time SPF decision for an accepted recipient (its mailbox's and route's policy).
+    pub fn spf_at_rcpt(&self, target: &Target, spf: &crate::auth::SpfCheck) -> Verdict {
+        auth::spf_verdict_at_rcpt(&self.auth_policy(&target.mailbox, target.route), spf)
     }
 
     /// RCPT stage. An exact address (dedicated, or a keyed mailbox's base address) wins over a

@@ -238,8 +238,27 @@ async fn group_commit_batches_concurrent_stores() {
     }
     let flushes = spool.flush_count() - before;
     eprintln!("group commit: {flushes} flushes for 64 stores");
-    assert!((1..=32).contains(&flushes), "{flushes} flushes for 64 stores");
+    // Stores insert on their own worker first, so how many meet in one flush depends on the
+    // scheduler (debug builds are slow): any sharing at all shows the group commit works.
+    assert!((1..64).contains(&flushes), "{flushes} flushes for 64 stores");
     assert_eq!(spool.stats().unwrap().ready, 64);
+    // Waiters that arrive together share a flush: 64 concurrent commits, a handful of flushes.
+    let before = spool.flush_count();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(64));
+    let commits: Vec<_> = (0..64)
+        .map(|_| {
+            let (spool, barrier) = (spool.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                spool.commit().await
+            })
+        })
+        .collect();
+    for c in commits {
+        c.await.unwrap().unwrap();
+    }
+    let flushes = spool.flush_count() - before;
+    assert!((1..=16).contains(&flushes), "{flushes} flushes for 64 concurrent commits");
     // A commit with nothing new still answers.
     spool.commit().await.unwrap();
     spool.commit_soon();

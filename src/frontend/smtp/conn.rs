@@ -8,12 +8,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::session::{Event, Peer, Session, SessionConfig};
+use super::verify::Verify;
+use crate::auth::Authenticator;
 use crate::gate::Gate;
 use crate::spool::Spool;
 
 /// What every connection of a listener shares.
 pub struct ConnContext {
     pub spool: Spool,
+    /// Sender authentication (DNS); None when every check is off.
+    pub auth: Option<Authenticator>,
     pub gate: Arc<Gate>,
     pub session: Arc<SessionConfig>,
     pub command_timeout: Duration,
@@ -62,10 +66,20 @@ where
         buf.drain(..consumed);
         flush_rejects(&mut session, &ctx.spool);
         match event {
-            Event::Store(req) => {
-                let result = ctx.spool.store(&req.raw, req.jobs).await.map_err(|e| e.to_string());
-                session.stored(result, &mut out);
-                flush_rejects(&mut session, &ctx.spool);
+            Event::Store(req) => store(&mut session, ctx, req, &mut out).await,
+            Event::Verify(Verify::Spf { ip, helo, mail_from }) => {
+                let Some(auth) = &ctx.auth else { break CloseCause::Error };
+                let check = auth.spf(ip, &helo, &mail_from, &ctx.session.hostname).await;
+                session.spf_checked(check, &mut out);
+            }
+            Event::Verify(Verify::Message { raw, ip, helo, mail_from, spf }) => {
+                let Some(auth) = &ctx.auth else { break CloseCause::Error };
+                let check = auth.message(&raw, &spf, ip, &helo, &mail_from).await;
+                if let Some(req) = session.message_checked(raw, check, &mut out) {
+                    store(&mut session, ctx, req, &mut out).await;
+                } else {
+                    flush_rejects(&mut session, &ctx.spool);
+                }
             }
             Event::Close => {
                 let _ = write(&mut stream, &mut out).await;
@@ -116,6 +130,12 @@ where
         "session closed"
     );
     cause
+}
+
+async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreRequest, out: &mut Vec<u8>) {
+    let result = ctx.spool.store(&req.raw, req.jobs).await.map_err(|e| e.to_string());
+    session.stored(result, out);
+    flush_rejects(session, &ctx.spool);
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>) -> std::io::Result<()> {

@@ -5,6 +5,7 @@ pub mod data;
 pub mod outcome;
 pub mod session;
 pub mod trace;
+pub mod verify;
 pub mod xforward;
 
 #[cfg(test)]

@@ -2,7 +2,11 @@
 //! per accepted recipient for LMTP), the store request for the spool, and reject-log entries.
 
 use super::data::DataFault;
-use super::session::{Session, State};
+use super::session::{Event, Session, State};
+use sha2::Digest;
+
+use crate::auth::MessageCheck;
+use crate::gate::auth as auth_policy;
 use crate::gate::message::{self, MessageContext, RcptOutcome};
 use crate::gate::verdict::{Reason, Reply, Verdict};
 use crate::job::{Envelope, MessageInfo};
@@ -24,9 +28,9 @@ pub struct Pending {
 }
 
 impl Session {
-    /// Called when `CRLF.CRLF` was seen. Returns a store request, or None when the replies are
-    /// already written (refused or discarded).
-    pub(super) fn end_of_data(&mut self, out: &mut Vec<u8>) -> Option<StoreRequest> {
+    /// Called when `CRLF.CRLF` was seen. Returns a check or store request for the driver, or
+    /// None when the replies are already written (refused or discarded).
+    pub(super) fn end_of_data(&mut self, out: &mut Vec<u8>) -> Option<Event> {
         let State::Data(rx) = std::mem::replace(&mut self.state, State::Command) else {
             return None;
         };
@@ -51,15 +55,35 @@ impl Session {
                 return None;
             }
         };
+        match self.request_message_check(raw) {
+            Ok(event) => Some(event),
+            Err(raw) => self.decide_and_store(raw, None, out).map(Event::Store),
+        }
+    }
+
+    /// Decides the message (with the authentication results, when checks ran) and returns what
+    /// to store; refusals and discards are answered and logged here.
+    pub(super) fn decide_and_store(
+        &mut self,
+        mut raw: Vec<u8>,
+        check: Option<MessageCheck>,
+        out: &mut Vec<u8>,
+    ) -> Option<StoreRequest> {
         let envelope = self.envelope();
+        let spf = self.txn.as_ref().and_then(|t| t.spf.clone());
+        let auth = match (&check, spf.as_deref(), self.check_ip()) {
+            (Some(msg), Some(spf), Some(ip)) => Some(message::AuthInput { spf, msg, ip }),
+            _ => None,
+        };
         let rcpts = self.txn.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
         let ctx = MessageContext {
             envelope: &envelope,
             raw: &raw,
             authserv_id: &self.cfg.hostname,
             after_queue: self.cfg.after_queue,
+            auth,
         };
-        let decision = message::decide(&self.gate, &ctx, &rcpts);
+        let mut decision = message::decide(&self.gate, &ctx, &rcpts);
         let pending = Pending {
             per_rcpt: decision.per_rcpt,
             rcpts: rcpts.iter().map(|r| r.address.clone()).collect(),
@@ -68,6 +92,21 @@ impl Session {
         if decision.jobs.is_empty() {
             self.finish(pending, &[], out);
             return None;
+        }
+        if let Some(header) = decision.results_header {
+            // Forged Authentication-Results claiming our authserv-id go (RFC 8601 section 5);
+            // ours goes right after the trace headers mailgate prepended.
+            if let Some(clean) = auth_policy::strip_forged_results(&raw, &self.cfg.hostname) {
+                raw = clean;
+            }
+            let at = self.trace_len.min(raw.len());
+            raw.splice(at..at, header.into_bytes());
+            // size and sha256 describe the message as stored
+            let sha = hex::encode(sha2::Sha256::digest(&raw));
+            for job in &mut decision.jobs {
+                job.job.message.size = raw.len() as u64;
+                job.job.message.sha256 = sha.clone();
+            }
         }
         self.state = State::WaitStore(Box::new(pending));
         Some(StoreRequest { raw, jobs: decision.jobs })

@@ -28,6 +28,10 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     pub max_errors: u32,
     pub max_line_length: usize,
+    /// Run sender authentication (SPF at MAIL, DKIM/ARC/DMARC at end of DATA).
+    pub verify: bool,
+    /// Some mailbox or route needs SPF (or DMARC, which uses it).
+    pub verify_spf: bool,
 }
 
 /// The connecting peer.
@@ -46,6 +50,8 @@ pub enum Event {
     NeedInput,
     /// Store this message, then call [`Session::stored`].
     Store(StoreRequest),
+    /// Run this check, then call [`Session::spf_checked`] or [`Session::message_checked`].
+    Verify(super::verify::Verify),
     /// Write the pending replies and close the connection.
     Close,
 }
@@ -59,6 +65,8 @@ const MAX_PARAM_LINE: usize = 1024;
 pub(super) enum State {
     Command,
     Data(Box<DataReceiver>),
+    /// Waiting for the driver to run an authentication check.
+    WaitVerify,
     WaitStore(Box<Pending>),
     Closed,
 }
@@ -67,6 +75,8 @@ pub(super) struct Txn {
     pub mail_from: String,
     pub rcpts: Vec<Recipient>,
     pub refused_rcpts: usize,
+    /// The SPF result, once checked.
+    pub spf: Option<Box<crate::auth::SpfCheck>>,
 }
 
 /// Counters for the session's closing log event.
@@ -89,6 +99,10 @@ pub struct Session {
     pub(super) state: State,
     errors: u32,
     discarding_line: bool,
+    /// Length of the trace headers prepended to the current message.
+    pub(super) trace_len: usize,
+    /// An event a command handler raised (an authentication check).
+    pub(super) pending_event: Option<Event>,
     /// Why the server closed the session (for its log event).
     close_cause: Option<&'static str>,
     pub(super) rejects: Vec<RejectEntry>,
@@ -108,6 +122,8 @@ impl Session {
             state: State::Command,
             errors: 0,
             discarding_line: false,
+            pending_event: None,
+            trace_len: 0,
             close_cause: None,
             rejects: Vec::new(),
             stats: SessionStats::default(),
@@ -152,13 +168,13 @@ impl Session {
         loop {
             match &mut self.state {
                 State::Closed => return (pos, Event::Close),
-                State::WaitStore(_) => return (pos, Event::NeedInput),
+                State::WaitStore(_) | State::WaitVerify => return (pos, Event::NeedInput),
                 State::Data(rx) => match rx.feed(&input[pos..]) {
                     DataProgress::More { consumed } => return (pos + consumed, Event::NeedInput),
                     DataProgress::Done { consumed } => {
                         pos += consumed;
-                        if let Some(req) = self.end_of_data(out) {
-                            return (pos, Event::Store(req));
+                        if let Some(event) = self.end_of_data(out) {
+                            return (pos, event);
                         }
                     }
                 },
@@ -177,6 +193,9 @@ impl Session {
                         self.bad(out, Reason::LineTooLong, Reply::new(500, "5.5.2", "Error: line too long"));
                     } else {
                         self.command(line, out);
+                        if let Some(event) = self.pending_event.take() {
+                            return (pos, event);
+                        }
                     }
                 }
             }
@@ -187,6 +206,8 @@ impl Session {
     pub(super) fn stage(&self) -> Stage {
         match (&self.state, &self.txn) {
             (State::Data(_) | State::WaitStore(_), _) => Stage::Data,
+            (State::WaitVerify, Some(t)) if t.rcpts.is_empty() => Stage::Mail,
+            (State::WaitVerify, _) => Stage::Data,
             (_, Some(t)) if !t.rcpts.is_empty() || t.refused_rcpts > 0 => Stage::Rcpt,
             (_, Some(_)) => Stage::Mail,
             _ if self.helo.is_some() => Stage::Helo,
@@ -338,14 +359,14 @@ impl Session {
         let mail_from = from.address;
         if from.size as u64 > self.cfg.max_message_size {
             let reply = Reply::new(552, "5.3.4", "Error: message size exceeds fixed limit");
-            self.txn = Some(Txn { mail_from, rcpts: Vec::new(), refused_rcpts: 0 });
+            self.txn = Some(Txn { mail_from, rcpts: Vec::new(), refused_rcpts: 0, spf: None });
             self.log(Action::Reject, &reply, Reason::TooLarge, Vec::new());
             self.txn = None;
             reply.write_to(out);
             return;
         }
         let verdict = self.gate.check_mail(&mail_from);
-        self.txn = Some(Txn { mail_from, rcpts: Vec::new(), refused_rcpts: 0 });
+        self.txn = Some(Txn { mail_from: mail_from.clone(), rcpts: Vec::new(), refused_rcpts: 0, spf: None });
         if let Verdict::Reject { reason, reply } = verdict
             && !self.cfg.after_queue
         {
@@ -354,7 +375,7 @@ impl Session {
             self.note_error(out, reply);
             return;
         }
-        Reply::new(250, "2.1.0", "Ok").write_to(out);
+        self.after_mail(mail_from, out);
     }
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, out: &mut Vec<u8>) {
@@ -368,8 +389,19 @@ impl Session {
             reply.write_to(out);
             return;
         }
-        let target = self.gate.check_rcpt(&to.address);
+        let mut target = self.gate.check_rcpt(&to.address);
+        // SPF is decided per recipient: its mailbox and route may set their own policy.
+        if let (Ok(t), Some(spf)) = (&target, txn.spf.as_deref()) {
+            let v = self.gate.spf_at_rcpt(t, spf);
+            if v != Verdict::Accept {
+                target = Err(v);
+            }
+        }
         match target {
+            Err(Verdict::Tempfail { reason, reply }) if !self.cfg.after_queue => {
+                self.log(Action::Tempfail, &reply, reason, vec![to.address]);
+                reply.write_to(out);
+            }
             Err(Verdict::Reject { reason, reply }) if !self.cfg.after_queue => {
                 if let Some(t) = &mut self.txn {
                     t.refused_rcpts += 1;
@@ -401,6 +433,7 @@ impl Session {
             return;
         }
         let header = trace::headers(self);
+        self.trace_len = header.len();
         let rx = DataReceiver::new(header, self.cfg.max_message_size, self.cfg.max_line_length);
         self.state = State::Data(Box::new(rx));
         Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").write_to(out);
