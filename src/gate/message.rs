@@ -78,8 +78,7 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
     let empty = mail_parser::Message::default();
     let msg = parsed.as_ref().unwrap_or(&empty);
     let info = Gate::message_info(msg, ctx.raw);
-    let body_start = parsed.as_ref().map(|m| m.root_part().offset_body as usize).unwrap_or(0);
-    let body_hash: [u8; 32] = Sha256::digest(ctx.raw.get(body_start..).unwrap_or_default()).into();
+    let body_hash: [u8; 32] = Sha256::digest(body_of(ctx.raw)).into();
     let adjust = |v: Verdict| if ctx.after_queue { v.after_queue() } else { v };
 
     let whole = gate.check_message(&ctx.envelope.mail_from, msg);
@@ -146,6 +145,19 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
     Decision { jobs, per_rcpt, info, results_header }
 }
 
+/// The body: everything after the first empty line (a header-only parse does not say where the
+/// body starts). The de-duplication hash covers it alone, so trace and Authentication-Results
+/// headers added on the way (a retry through Postfix gets a new Received) do not matter.
+fn body_of(raw: &[u8]) -> &[u8] {
+    if raw.starts_with(b"\r\n") {
+        return &raw[2..];
+    }
+    match memchr::memmem::find(raw, b"\r\n\r\n") {
+        Some(i) => &raw[i + 4..],
+        None => &[],
+    }
+}
+
 fn new_job(
     ctx: &MessageContext<'_>,
     info: &MessageInfo,
@@ -208,6 +220,20 @@ mod tests {
 
     fn ctx<'a>(env: &'a Envelope, raw: &'a [u8], after_queue: bool) -> MessageContext<'a> {
         MessageContext { envelope: env, raw, authserv_id: "mx.test", after_queue, auth: None }
+    }
+
+    #[test]
+    fn the_dedup_hash_covers_the_body_only() {
+        assert_eq!(body_of(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"), b"body\r\n");
+        assert_eq!(body_of(b"\r\nbody"), b"body");
+        assert_eq!(body_of(b"A: 1\r\n"), b"");
+        let g = gate();
+        let env = Envelope { mail_from: "a@example.org".into(), ..Default::default() };
+        let a = format!("incoming+{REPLY}@in.example.com");
+        let key_of = |raw: &[u8]| decide(&g, &ctx(&env, raw, false), &[rcpt(&g, &a)]).jobs[0].dedup_keys[0].clone();
+        let one = key_of(b"Message-ID: <m@x>\r\n\r\nbody one\r\n");
+        assert_eq!(one, key_of(b"Received: from elsewhere\r\nMessage-ID: <m@x>\r\n\r\nbody one\r\n"));
+        assert_ne!(one, key_of(b"Message-ID: <m@x>\r\n\r\nbody two\r\n"));
     }
 
     #[test]

@@ -399,6 +399,9 @@ impl Session {
         }
         match target {
             Err(Verdict::Tempfail { reason, reply }) if !self.cfg.after_queue => {
+                if let Some(t) = &mut self.txn {
+                    t.refused_rcpts += 1;
+                }
                 self.log(Action::Tempfail, &reply, reason, vec![to.address]);
                 reply.write_to(out);
             }
