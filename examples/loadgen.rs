@@ -4,6 +4,13 @@
 //!   cargo run --release --example loadgen -- 127.0.0.1:2525 --sessions 20 --messages 20000 --size 4096
 //!
 //! Prints one JSON object: {"messages", "seconds", "per_second", "p50_ms", "p99_ms", "errors"}.
+//!
+//! `--from ADDR` sets the sender (envelope and From:), `--dkim ed25519|rsa2048` DKIM-signs every
+//! message for the sender's domain (selector s1 / s2, keys from tests/fixtures/keys) before the
+//! timed run starts, so signing costs nothing during it.
+
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +23,8 @@ struct Args {
     messages: usize,
     size: usize,
     rcpt: String,
+    from: String,
+    dkim: Option<fixtures::KeyKind>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -26,6 +35,8 @@ fn parse_args() -> Result<Args, String> {
         messages: 20_000,
         size: 4096,
         rcpt: "incoming+0123456789abcdef0123456789abcdef@localhost".into(),
+        from: "load@example.org".into(),
+        dkim: None,
     };
     while let Some(flag) = it.next() {
         let v = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -34,6 +45,14 @@ fn parse_args() -> Result<Args, String> {
             "--messages" => a.messages = v.parse().map_err(|e| format!("{flag}: {e}"))?,
             "--size" => a.size = v.parse().map_err(|e| format!("{flag}: {e}"))?,
             "--rcpt" => a.rcpt = v,
+            "--from" => a.from = v,
+            "--dkim" => {
+                a.dkim = Some(match v.as_str() {
+                    "ed25519" => fixtures::KeyKind::Ed25519,
+                    "rsa2048" => fixtures::KeyKind::Rsa2048,
+                    other => return Err(format!("--dkim {other}: ed25519 or rsa2048")),
+                })
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -52,7 +71,35 @@ async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Re
     }
 }
 
+/// Every message of one session, dot-terminated and ready to send.
+fn messages(a: &Args, id: usize, count: usize) -> Vec<Vec<u8>> {
+    let filler_line = "x".repeat(76);
+    let domain = a.from.rsplit_once('@').map(|(_, d)| d).unwrap_or("example.org");
+    (0..count)
+        .map(|n| {
+            let mut body = format!(
+                "From: {}\r\nTo: {}\r\nMessage-ID: <load-{id}-{n}-{}@example.org>\r\nSubject: load {n}\r\nDate: Tue, 04 Mar 2025 10:15:00 +0000\r\n\r\n",
+                a.from,
+                a.rcpt,
+                std::process::id()
+            );
+            while body.len() + 80 <= a.size {
+                body.push_str(&filler_line);
+                body.push_str("\r\n");
+            }
+            let mut raw = match a.dkim {
+                Some(kind @ fixtures::KeyKind::Rsa2048) => fixtures::sign(kind, domain, "s2", body.as_bytes(), None),
+                Some(kind) => fixtures::sign(kind, domain, "s1", body.as_bytes(), None),
+                None => body.into_bytes(),
+            };
+            raw.extend_from_slice(b".\r\n");
+            raw
+        })
+        .collect()
+}
+
 async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::Result<(Vec<Duration>, usize)> {
+    let bodies = messages(&a, id, count);
     let s = TcpStream::connect(&a.addr).await?;
     s.set_nodelay(true)?;
     let (r, mut w) = s.into_split();
@@ -60,27 +107,16 @@ async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::R
     reply(&mut r).await?;
     w.write_all(b"EHLO loadgen.example\r\n").await?;
     reply(&mut r).await?;
-    let filler_line = "x".repeat(76);
     let mut lat = Vec::with_capacity(count);
     let mut errors = 0;
-    for n in 0..count {
-        let mut body = format!(
-            "From: load@example.org\r\nTo: {}\r\nMessage-ID: <load-{id}-{n}-{}@example.org>\r\nSubject: load {n}\r\n\r\n",
-            a.rcpt,
-            std::process::id()
-        );
-        while body.len() + 80 <= a.size {
-            body.push_str(&filler_line);
-            body.push_str("\r\n");
-        }
-        body.push_str(".\r\n");
-        let head = format!("MAIL FROM:<load@example.org>\r\nRCPT TO:<{}>\r\nDATA\r\n", a.rcpt);
+    for body in bodies {
+        let head = format!("MAIL FROM:<{}>\r\nRCPT TO:<{}>\r\nDATA\r\n", a.from, a.rcpt);
         w.write_all(head.as_bytes()).await?;
         for _ in 0..3 {
             reply(&mut r).await?;
         }
         let t = Instant::now();
-        w.write_all(body.as_bytes()).await?;
+        w.write_all(&body).await?;
         let line = reply(&mut r).await?;
         lat.push(t.elapsed());
         if !line.starts_with("250") {

@@ -153,6 +153,9 @@ pub struct AuthResults {
     pub dmarc_policy: String,
     pub arc: String,
     pub header: String,
+    /// Set when a trusted ARC sealer's pass stood in for failed SPF/DMARC: that sealer's domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arc_sealer: Option<String>,
 }
 
 impl AuthResults {
@@ -164,6 +167,7 @@ impl AuthResults {
             dmarc_policy: "none".into(),
             arc: "none".into(),
             header: format!("{authserv_id}; none"),
+            arc_sealer: None,
         }
     }
 }

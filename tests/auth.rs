@@ -141,6 +141,7 @@ fn passing_mail_carries_results_in_the_job_and_the_stored_header() {
             "{a}"
         );
         assert_eq!(a["dmarc_policy"], "reject");
+        assert!(a.get("arc_sealer").is_none(), "no ARC exception: {a}");
         let stored = raw(&env, job["id"].as_str().unwrap());
         let ar = stored.find("Authentication-Results: mx.test;").expect("our header");
         assert!(stored.find("Received: from").unwrap() < ar, "after the trace headers");
@@ -285,6 +286,7 @@ fn arc_from_a_trusted_sealer_stands_in_for_a_broken_forward() {
                 "the exception is recorded: {}",
                 job["auth"]
             );
+            assert_eq!(job["auth"]["arc_sealer"], "lists.test");
         } else {
             assert!(r.1.starts_with("550 5.7.1"), "untrusted sealer: {r:?}");
         }

@@ -82,6 +82,7 @@ pub(super) async fn check(a: &Authenticator, raw: &[u8], spf: &SpfCheck, ip: IpA
         AuthenticationResults::new("").with_dmarc_result(&dmarc_out).to_string()
     };
     let record = dmarc_out.dmarc_record();
+    let header_domain = header_from.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
     MessageCheck {
         dkim: sigs,
         dmarc: DmarcCheck {
@@ -94,6 +95,11 @@ pub(super) async fn check(a: &Authenticator, raw: &[u8], spf: &SpfCheck, ip: IpA
         arc: ArcCheck {
             result: arc_out.result().into(),
             sealers: arc_out.sets().iter().map(|s| s.seal.header.d.to_ascii_lowercase()).collect(),
+            last_hop_vouches: arc_out
+                .sets()
+                .iter()
+                .max_by_key(|s| s.results.header.i)
+                .is_some_and(|s| super::arc::vouches(&String::from_utf8_lossy(s.results.value), header_domain)),
         },
         from_count: msg.from.len(),
         pieces: ResultPieces {
@@ -115,7 +121,7 @@ fn unparsable(ip: IpAddr) -> MessageCheck {
             record: false,
             testing: false,
         },
-        arc: ArcCheck { result: AuthResult::None, sealers: Vec::new() },
+        arc: ArcCheck { result: AuthResult::None, sealers: Vec::new(), last_hop_vouches: false },
         from_count: 0,
         pieces: ResultPieces {
             dkim: ";\r\n\tdkim=none".into(),

@@ -6,6 +6,7 @@
 //! Each check (SPF; DKIM, ARC and DMARC at the end of DATA) also has an overall deadline of four
 //! times `[auth] timeout`, after which it is a `temperror` too.
 
+mod arc;
 mod cache;
 mod message;
 mod types;

@@ -206,6 +206,9 @@ pub struct ArcCheck {
     pub result: AuthResult,
     /// `d=` of every ARC-Seal, in instance order (i=1 first): the last is the last hop.
     pub sealers: Vec<String>,
+    /// The last hop's ARC-Authentication-Results show the original passed: `dmarc=pass`, or
+    /// `dkim=pass` / `spf=pass` for a domain aligned with the From domain.
+    pub last_hop_vouches: bool,
 }
 
 impl ArcCheck {

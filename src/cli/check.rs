@@ -152,6 +152,7 @@ pub fn config_checks(config: &Config, f: &mut Findings) {
         }
     }
     token_checks(config, f);
+    auth_checks(config, f);
     not_implemented_checks(config, f);
 }
 
@@ -204,7 +205,6 @@ fn auth_checks(config: &Config, f: &mut Findings) {
 
 /// Settings that are parsed but that this version does not act on.
 fn not_implemented_checks(config: &Config, f: &mut Findings) {
-    auth_checks(config, f);
     for d in &config.deliver {
         f.warning(format!(
             "push delivery is not implemented yet: [[deliver]] kind = {:?}{} is not acted on; jobs wait in the \

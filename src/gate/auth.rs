@@ -64,8 +64,12 @@ impl AuthPolicy {
     }
 
     /// The ARC chain passes and its last hop is a trusted sealer.
+    /// A passing chain whose last sealer is trusted *and* whose last hop vouches that the
+    /// original authenticated (an aligned pass in its ARC-Authentication-Results): a trusted
+    /// forwarder that relays a forgery does not launder it.
     pub fn trusted_arc_pass(&self, m: &MessageCheck) -> bool {
         m.arc.result == AuthResult::Pass
+            && m.arc.last_hop_vouches
             && m.arc.last_sealer().is_some_and(|s| self.trusted_arc_sealers.contains(&normalize_domain(s)))
     }
 }
@@ -248,6 +252,7 @@ pub fn results_header(authserv_id: &str, spf: &SpfCheck, m: &MessageCheck, ip: I
 pub fn job_results(authserv_id: &str, spf: &SpfCheck, m: &MessageCheck, arc_override: bool) -> AuthResults {
     let spf_word = if spf.checked { spf.result } else { AuthResult::None };
     let mut header = results_value(authserv_id, spf, m, spf.ip).replace("\r\n\t", " ");
+    let mut arc_sealer = None;
     if arc_override {
         let sealer: String = m
             .arc
@@ -256,6 +261,7 @@ pub fn job_results(authserv_id: &str, spf: &SpfCheck, m: &MessageCheck, arc_over
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
             .collect();
+        arc_sealer = Some(sealer.clone());
         let sealer = if sealer.is_empty() { String::new() } else { format!(" {sealer}") };
         header.push_str(&format!(" (trusted ARC sealer{sealer} stood in for failed SPF/DMARC)"));
     }
@@ -266,6 +272,7 @@ pub fn job_results(authserv_id: &str, spf: &SpfCheck, m: &MessageCheck, arc_over
         dmarc_policy: m.dmarc.policy.as_str().into(),
         arc: m.arc.result.as_str().into(),
         header,
+        arc_sealer,
     }
 }
 

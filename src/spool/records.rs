@@ -72,6 +72,7 @@ fn stub(job: Job) -> Job {
             dmarc_policy: String::new(),
             arc: String::new(),
             header: String::new(),
+            arc_sealer: None,
         },
         reply_text: None,
         ..job

@@ -13,10 +13,11 @@ fn defaults_have_no_errors() {
     let mut f = Findings::default();
     config_checks(&Config::default(), &mut f);
     assert_eq!(messages(&f, Level::Error), Vec::<String>::new());
-    // localhost is not a main domain; auth is configured but not implemented.
+    // localhost is not a main domain; sender authentication is reported as active.
     let warnings = messages(&f, Level::Warning);
     assert!(!warnings.iter().any(|w| w.contains("subdomain")), "{warnings:?}");
-    assert!(warnings.iter().any(|w| w.contains("sender authentication") && w.contains("not implemented")));
+    let oks = messages(&f, Level::Ok);
+    assert!(oks.iter().any(|m| m.contains("sender authentication: spf = reject-fail")), "{oks:?}");
 }
 
 #[test]

@@ -71,8 +71,8 @@ impl Session {
     ) -> Option<StoreRequest> {
         let envelope = self.envelope();
         let spf = self.txn.as_ref().and_then(|t| t.spf.clone());
-        let auth = match (&check, spf.as_deref(), self.check_ip()) {
-            (Some(msg), Some(spf), Some(ip)) => Some(message::AuthInput { spf, msg, ip }),
+        let auth = match (&check, spf.as_deref()) {
+            (Some(msg), Some(spf)) => Some(message::AuthInput { spf, msg, ip: spf.ip }),
             _ => None,
         };
         let rcpts = self.txn.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
@@ -93,14 +93,19 @@ impl Session {
             self.finish(pending, &[], out);
             return None;
         }
+        // Forged Authentication-Results claiming our authserv-id go (RFC 8601 section 5), also
+        // when no check ran; ours goes right after the trace headers mailgate prepended.
+        let mut changed = false;
+        if let Some(clean) = auth_policy::strip_forged_results(&raw, &self.cfg.hostname) {
+            raw = clean;
+            changed = true;
+        }
         if let Some(header) = decision.results_header {
-            // Forged Authentication-Results claiming our authserv-id go (RFC 8601 section 5);
-            // ours goes right after the trace headers mailgate prepended.
-            if let Some(clean) = auth_policy::strip_forged_results(&raw, &self.cfg.hostname) {
-                raw = clean;
-            }
+            changed = true;
             let at = self.trace_len.min(raw.len());
             raw.splice(at..at, header.into_bytes());
+        }
+        if changed {
             // size and sha256 describe the message as stored
             let sha = hex::encode(sha2::Sha256::digest(&raw));
             for job in &mut decision.jobs {

@@ -528,6 +528,11 @@ impl Session {
 
     /// The original client's address: XFORWARD's from a trusted peer, else the socket peer.
     pub fn client_ip(&self) -> String {
-        self.fwd.addr.clone().or_else(|| self.peer.ip.map(|ip| ip.to_string())).unwrap_or_default()
+        match (&self.fwd.addr, self.fwd.seen) {
+            (Some(addr), _) => addr.clone(),
+            // XFORWARD without ADDR: the client is unknown; the peer is only the relay
+            (None, true) => String::new(),
+            (None, false) => self.peer.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        }
     }
 }

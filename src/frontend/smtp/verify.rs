@@ -3,7 +3,7 @@
 //! result back. SPF runs after MAIL FROM (its 250 waits for it) and is applied per recipient at
 //! RCPT; DKIM, DMARC and ARC run at the end of DATA, before anything is stored.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::outcome::StoreRequest;
 use super::session::{Event, Session, State};
@@ -21,25 +21,33 @@ pub enum Verify {
 
 impl Session {
     /// The original client's IP for SPF: XFORWARD's from a trusted peer, else the socket's.
-    /// A unix-socket peer without XFORWARD has none, and then nothing can be checked.
+    /// None when it is unknown (a unix-socket peer without XFORWARD, XFORWARD without ADDR).
     pub(super) fn check_ip(&self) -> Option<IpAddr> {
         self.client_ip().parse().ok()
     }
 
     /// After MAIL FROM was accepted: ask for SPF, or answer 250 at once when checks are off.
+    /// Without a client IP SPF cannot be evaluated: it is recorded as not checked, and the
+    /// message checks still run at the end of DATA (DMARC then rests on DKIM alone, so a
+    /// spoof of a p=reject domain is still refused: the checks fail closed, not open).
     pub(super) fn after_mail(&mut self, mail_from: String, out: &mut Vec<u8>) {
-        let Some(ip) = self.check_ip().filter(|_| self.cfg.verify) else {
+        if !self.cfg.verify {
             Reply::new(250, "2.1.0", "Ok").write_to(out);
             return;
-        };
-        let helo = self.check_helo();
-        if self.cfg.verify_spf {
-            self.state = State::WaitVerify;
-            self.pending_event = Some(Event::Verify(Verify::Spf { ip, helo, mail_from }));
-            return;
         }
-        if let Some(txn) = &mut self.txn {
-            txn.spf = Some(Box::new(SpfCheck::not_checked(ip, &helo, &mail_from)));
+        let helo = self.check_helo();
+        match self.check_ip() {
+            Some(ip) if self.cfg.verify_spf => {
+                self.state = State::WaitVerify;
+                self.pending_event = Some(Event::Verify(Verify::Spf { ip, helo, mail_from }));
+                return;
+            }
+            ip => {
+                let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                if let Some(txn) = &mut self.txn {
+                    txn.spf = Some(Box::new(SpfCheck::not_checked(ip, &helo, &mail_from)));
+                }
+            }
         }
         Reply::new(250, "2.1.0", "Ok").write_to(out);
     }
@@ -64,8 +72,8 @@ impl Session {
     /// Returns None when the message must be decided without checks.
     pub(super) fn request_message_check(&mut self, raw: Vec<u8>) -> Result<Event, Vec<u8>> {
         let spf = self.txn.as_ref().and_then(|t| t.spf.clone());
-        match (self.cfg.verify, self.check_ip(), spf) {
-            (true, Some(ip), Some(spf)) => {
+        match (self.cfg.verify, self.check_ip().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), spf) {
+            (true, ip, Some(spf)) => {
                 let helo = self.check_helo();
                 let mail_from = self.txn.as_ref().map(|t| t.mail_from.clone()).unwrap_or_default();
                 self.state = State::WaitVerify;

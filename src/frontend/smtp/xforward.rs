@@ -10,6 +10,9 @@ pub struct Forwarded {
     pub helo: Option<String>,
     pub ident: Option<String>,
     pub source: Option<String>,
+    /// An XFORWARD command was received: the socket peer is a relay, not the client, so a
+    /// missing ADDR means the client is unknown (never the relay's own address).
+    pub seen: bool,
 }
 
 /// The capability line's attribute list.
@@ -27,6 +30,7 @@ pub enum XforwardError {
 /// (RFC 3461: `+XX` escapes); `[UNAVAILABLE]` and `[TEMPUNAVAIL]` clear an attribute.
 pub fn apply(fwd: &mut Forwarded, args: &str) -> Result<(), XforwardError> {
     let args = args.trim();
+    fwd.seen = true;
     if args.is_empty() {
         return Err(XforwardError::Syntax("XFORWARD needs attributes".into()));
     }

@@ -24,7 +24,7 @@ fn msg(dkim: Vec<DkimSig>, dmarc: AuthResult, policy: Policy) -> MessageCheck {
     MessageCheck {
         dkim,
         dmarc: DmarcCheck { result: dmarc, policy, from_domain, record: dmarc != AuthResult::None, testing: false },
-        arc: ArcCheck { result: AuthResult::None, sealers: Vec::new() },
+        arc: ArcCheck { result: AuthResult::None, sealers: Vec::new(), last_hop_vouches: false },
         from_count: 1,
         pieces: ResultPieces::default(),
     }
@@ -35,7 +35,7 @@ fn clean() -> MessageCheck {
 }
 
 fn with_arc(mut m: MessageCheck, result: AuthResult, sealers: &[&str]) -> MessageCheck {
-    m.arc = ArcCheck { result, sealers: sealers.iter().map(|s| s.to_string()).collect() };
+    m.arc = ArcCheck { result, sealers: sealers.iter().map(|s| s.to_string()).collect(), last_hop_vouches: true };
     m
 }
 
@@ -317,4 +317,14 @@ fn strip_only_our_authserv_id() {
     // an unterminated comment or a header without a value is not ours
     assert_eq!(strip_forged_results(b"Authentication-Results: (mx; none\r\n\r\n", "mx"), None);
     assert_eq!(strip_forged_results(b"Authentication-Results:\r\n\r\n", "mx"), None);
+}
+
+#[test]
+fn a_trusted_sealer_that_does_not_vouch_rescues_nothing() {
+    let p = pol(SpfMode::RejectFail, DkimMode::Record, DmarcMode::Enforce, &["lists.example.org"]);
+    let mut m = with_arc(msg(vec![], Fail, Policy::Reject), Pass, &["lists.example.org"]);
+    m.arc.last_hop_vouches = false;
+    let d = message_verdict(&p, &spf(Fail), &m);
+    assert!(matches!(d.verdict, Verdict::Reject { .. }), "{:?}", d.verdict);
+    assert!(!d.arc_override);
 }
