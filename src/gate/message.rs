@@ -35,8 +35,6 @@ pub struct Decision {
     /// One per recipient, in RCPT order.
     pub per_rcpt: Vec<RcptOutcome>,
     pub info: MessageInfo,
-    /// The Authentication-Results header to prepend to the stored message, when checks ran.
-    pub results_header: Option<String>,
 }
 
 impl Decision {
@@ -88,7 +86,6 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
             jobs: Vec::new(),
             per_rcpt: rcpts.iter().map(|_| RcptOutcome::Refused(v.clone())).collect(),
             info,
-            results_header: None,
         };
     }
 
@@ -141,8 +138,7 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
         }
         per_rcpt.push(RcptOutcome::Job(index));
     }
-    let results_header = ctx.auth.map(|a| auth::results_header(ctx.authserv_id, a.spf, a.msg, a.ip));
-    Decision { jobs, per_rcpt, info, results_header }
+    Decision { jobs, per_rcpt, info }
 }
 
 /// The body: everything after the first empty line (a header-only parse does not say where the

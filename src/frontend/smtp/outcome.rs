@@ -3,8 +3,6 @@
 
 use super::data::DataFault;
 use super::session::{Event, Session, State};
-use sha2::Digest;
-
 use crate::auth::MessageCheck;
 use crate::gate::auth as auth_policy;
 use crate::gate::message::{self, MessageContext, RcptOutcome};
@@ -75,6 +73,17 @@ impl Session {
             (Some(msg), Some(spf)) => Some(message::AuthInput { spf, msg, ip: spf.ip }),
             _ => None,
         };
+        // The stored form, before anything is hashed: forged Authentication-Results claiming our
+        // authserv-id go (RFC 8601 section 5), also when no check ran; ours goes right after the
+        // trace headers mailgate prepended. The checks already ran on the message as received.
+        if let Some(clean) = auth_policy::strip_forged_results(&raw, &self.cfg.hostname) {
+            raw = clean;
+        }
+        if let Some(a) = &auth {
+            let header = auth_policy::results_header(&self.cfg.hostname, a.spf, a.msg, a.ip);
+            let at = self.trace_len.min(raw.len());
+            raw.splice(at..at, header.into_bytes());
+        }
         let rcpts = self.txn.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
         let ctx = MessageContext {
             envelope: &envelope,
@@ -83,7 +92,7 @@ impl Session {
             after_queue: self.cfg.after_queue,
             auth,
         };
-        let mut decision = message::decide(&self.gate, &ctx, &rcpts);
+        let decision = message::decide(&self.gate, &ctx, &rcpts);
         let pending = Pending {
             per_rcpt: decision.per_rcpt,
             rcpts: rcpts.iter().map(|r| r.address.clone()).collect(),
@@ -92,26 +101,6 @@ impl Session {
         if decision.jobs.is_empty() {
             self.finish(pending, &[], out);
             return None;
-        }
-        // Forged Authentication-Results claiming our authserv-id go (RFC 8601 section 5), also
-        // when no check ran; ours goes right after the trace headers mailgate prepended.
-        let mut changed = false;
-        if let Some(clean) = auth_policy::strip_forged_results(&raw, &self.cfg.hostname) {
-            raw = clean;
-            changed = true;
-        }
-        if let Some(header) = decision.results_header {
-            changed = true;
-            let at = self.trace_len.min(raw.len());
-            raw.splice(at..at, header.into_bytes());
-        }
-        if changed {
-            // size and sha256 describe the message as stored
-            let sha = hex::encode(sha2::Sha256::digest(&raw));
-            for job in &mut decision.jobs {
-                job.job.message.size = raw.len() as u64;
-                job.job.message.sha256 = sha.clone();
-            }
         }
         self.state = State::WaitStore(Box::new(pending));
         Some(StoreRequest { raw, jobs: decision.jobs })
