@@ -29,5 +29,5 @@ fmt:
 # Benchmarks are never timed tests: they write docs/BENCHMARKS.md.
 bench:
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
-	$(CARGO) build --release --bin mailgate --example loadgen
+	$(CARGO) build --release --bin mailgate --example loadgen --example benchdns
 	scripts/bench.sh

@@ -27,6 +27,30 @@ now() { date +%s.%N; }
 rate() { python3 -c "print(round($1/($3-$2)))"; }
 median() { python3 -c "import statistics,sys; print(int(statistics.median([float(x) for x in sys.argv[1:]])))" "$@"; }
 
+# write_config DIR SMTP_PORT HTTP_PORT AUTH: a mailgate config; AUTH is "off" or a DNS address
+write_config() {
+  local auth
+  if [ "$4" = off ]; then auth='spf = "off"
+dkim = "off"
+dmarc = "off"'; else auth="nameservers = [\"$4\"]"; fi
+  cat > "$1/mailgate.toml" <<TOML
+[[listen]]
+protocol = "smtp"
+address = "127.0.0.1:$2"
+[[mailbox]]
+name = "incoming"
+address = "incoming+%{key}@localhost"
+[limits]
+max_connections_per_ip = 1000
+[spool]
+dir = "$1/spool"
+[http]
+listen = "127.0.0.1:$3"
+[auth]
+$auth
+TOML
+}
+
 source_cmd() { echo "$SRC -c -d -s $SESSIONS -m $MESSAGES -l $SIZE -f a@example.org -t $RCPT 127.0.0.1:$1"; }
 
 run_source() { # port -> msg/s
@@ -50,20 +74,7 @@ peak_rss=0
 for run in $(seq 1 "$RUNS"); do
   smtp=$(free_port); http=$(free_port)
   dir="$work/run$run"; mkdir -p "$dir"
-  cat > "$dir/mailgate.toml" <<TOML
-[[listen]]
-protocol = "smtp"
-address = "127.0.0.1:$smtp"
-[[mailbox]]
-name = "incoming"
-address = "incoming+%{key}@localhost"
-[limits]
-max_connections_per_ip = 1000
-[spool]
-dir = "$dir/spool"
-[http]
-listen = "127.0.0.1:$http"
-TOML
+  write_config "$dir" "$smtp" "$http" off   # intake alone; authentication is measured below
   MAILGATE_LOG=warn $BIN serve --config "$dir/mailgate.toml" 2>"$dir/log" &
   pid=$!; pids+=($pid); wait_port "$smtp"
   mg_rates+=("$(run_source "$smtp")")
@@ -72,6 +83,32 @@ TOML
   [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
   kill -TERM "$pid"; wait "$pid" || true
 done
+
+# --- sender authentication: the same DKIM-signed load (Ed25519, From alice@bench.test), with
+# SPF+DKIM+DMARC off and on; records served by a loopback DNS server (examples/benchdns.rs).
+BENCHDNS=target/release/examples/benchdns
+$BENCHDNS > "$work/dns.addr" &
+pids+=($!)
+for _ in $(seq 1 100); do [ -s "$work/dns.addr" ] && break; sleep 0.05; done
+dns=$(head -1 "$work/dns.addr")
+auth_run() { # off|on -> loadgen JSON
+  local smtp http dir pid
+  smtp=$(free_port); http=$(free_port); dir="$work/auth-$1-$RANDOM"; mkdir -p "$dir"
+  write_config "$dir" "$smtp" "$http" "$([ "$1" = off ] && echo off || echo "$dns")"
+  MAILGATE_LOG=warn $BIN serve --config "$dir/mailgate.toml" 2>"$dir/log" &
+  pid=$!; pids+=($pid); wait_port "$smtp"
+  $LOADGEN "127.0.0.1:$smtp" --sessions "$SESSIONS" --messages "$MESSAGES" --size "$SIZE" --from alice@bench.test --dkim ed25519
+  kill -TERM "$pid"; wait "$pid" || true
+}
+auth_off=(); auth_on=()
+for _ in $(seq 1 "$RUNS"); do auth_off+=("$(auth_run off)"); auth_on+=("$(auth_run on)"); done
+auth_summary() { printf '%s\n' "$@" | python3 -c '
+import json,sys,statistics
+rows=[json.loads(l) for l in sys.stdin if l.strip()]
+print("%d %.2f %.2f %d" % (statistics.median(r["per_second"] for r in rows), statistics.median(r["p50_ms"] for r in rows), statistics.median(r["p99_ms"] for r in rows), sum(r["errors"] for r in rows)))'; }
+read -r off_rate off_p50 off_p99 off_err <<<"$(auth_summary "${auth_off[@]}")"
+read -r on_rate on_p50 on_p99 on_err <<<"$(auth_summary "${auth_on[@]}")"
+auth_ratio=$(python3 -c "print(f'{$on_rate/$off_rate:.2f}')")
 
 sink_med=$(median "${sink_rates[@]}")
 mg_med=$(median "${mg_rates[@]}")
@@ -104,12 +141,23 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "|---|---|---|---|---|---|"
   echo "| mailgate serve | $lg_rate | $lg_p50 | $lg_p99 | $lg_err | $((peak_rss/1024)) MiB |"
   echo
+  echo "## Sender authentication: DKIM-signed (Ed25519) $SIZE-byte messages, $SESSIONS sessions"
+  echo
+  echo "SPF + DKIM + DMARC on (\`spf = reject-fail\`, \`dkim = record\`, \`dmarc = enforce\`, records cached, served by"
+  echo "examples/benchdns.rs on loopback) against all three off, same load (examples/loadgen.rs \`--dkim ed25519\`). Target: ratio ≥ 0.70."
+  echo
+  echo "| authentication | msg/s | p50 ms | p99 ms | errors | ratio |"
+  echo "|---|---|---|---|---|---|"
+  echo "| off | $off_rate | $off_p50 | $off_p99 | $off_err | 1.00 |"
+  echo "| on | $on_rate | $on_p50 | $on_p99 | $on_err | $auth_ratio |"
+  echo
   echo "Commands:"
   echo
   echo '```'
   echo "$SINK $sink_user -c 127.0.0.1:PORT 1000"
   echo "$(source_cmd PORT)"
   echo "$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $MESSAGES --size $SIZE"
+  echo "$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $MESSAGES --size $SIZE --from alice@bench.test --dkim ed25519"
   echo '```'
   echo
   echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
