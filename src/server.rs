@@ -74,13 +74,14 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
         let shutdown = shutdown_rx.clone();
         if l.config.protocol == Protocol::Policy {
             let (gate, spool, limits) = (gate.clone(), spool.clone(), policy_limits.clone());
+            let (auth, hostname) = (auth.clone(), config.server.hostname.clone());
             let idle = config.limits.command_timeout;
             let refuse = (spool.clone(), config.server.hostname.clone());
             tasks.push(tokio::spawn(accept_loop(l, limits, shutdown, refuse, move |stream, _peer, slot| {
-                let (gate, spool) = (gate.clone(), spool.clone());
+                let (gate, spool, auth, hostname) = (gate.clone(), spool.clone(), auth.clone(), hostname.clone());
                 async move {
                     let _slot = slot;
-                    policy::run(stream, gate, spool, idle).await
+                    policy::run(stream, gate, spool, auth, hostname, idle).await
                 }
             })));
             continue;

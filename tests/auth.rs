@@ -59,8 +59,8 @@ fn start(extra_auth: &str, mailboxes: &str) -> Env {
     let dns = DnsServer::start(zone());
     let ports = Ports::new();
     let listeners = format!(
-        "[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:{}\"\n[[listen]]\nprotocol = \"lmtp\"\naddress = \"127.0.0.1:{}\"\n",
-        ports.smtp, ports.lmtp
+        "[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:{}\"\n[[listen]]\nprotocol = \"lmtp\"\naddress = \"127.0.0.1:{}\"\n[[listen]]\nprotocol = \"policy\"\naddress = \"127.0.0.1:{}\"\n",
+        ports.smtp, ports.lmtp, ports.policy
     );
     let mailboxes = if mailboxes.is_empty() {
         "[[mailbox]]\nname = \"incoming\"\naddress = \"incoming+%{key}@mx.test\"\n"
@@ -354,4 +354,39 @@ fn mailbox_and_route_overrides() {
         String::from_utf8(sign(KeyKind::Ed25519, "good.test", "s1", &msg("alice@good.test", ""), None)).unwrap();
     let r = c.send_mail("alice@good.test", &["desk+gitlab-org-gitlab-20-issue-@mx.test"], &signed);
     assert!(r.starts_with("250 2.0.0 Ok: queued"), "service desk signed: {r}");
+}
+
+/// Mode A's refusal point: Postfix asks the policy service at RCPT, which now checks SPF for
+/// the client Postfix saw, so an SPF failure is refused in Postfix's session (no bounce).
+#[test]
+fn policy_service_refuses_spf_failures_at_rcpt() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = start("", "");
+    let s = std::net::TcpStream::connect(("127.0.0.1", env.ports.policy)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut ask = |client: &str, sender: &str| -> String {
+        write!(
+            w,
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nhelo_name=mx.sender.test\nsender={sender}\nrecipient={}\n\n",
+            rcpt()
+        )
+        .unwrap();
+        let mut action = String::new();
+        r.read_line(&mut action).unwrap();
+        let mut blank = String::new();
+        r.read_line(&mut blank).unwrap();
+        action.trim_end().to_string()
+    };
+    assert_eq!(ask("127.0.0.1", "a@good.test"), "action=DUNNO");
+    let a = ask("192.0.2.7", "a@good.test");
+    assert!(a.starts_with("action=550 5.7.23 "), "{a}");
+    let a = ask("127.0.0.1", "a@slow.test");
+    assert!(a.starts_with("action=DEFER_IF_PERMIT 4.7.24 "), "{a}");
+    let e = last_reject(&env);
+    assert_eq!(
+        (e["reason"].as_str(), e["listener"].as_str(), e["action"].as_str()),
+        (Some("auth_temperror"), Some("policy"), Some("tempfail"))
+    );
 }

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
+use std::net::IpAddr;
+
+use crate::auth::{Authenticator, SpfCheck};
+use crate::config::SpfMode;
 use crate::gate::Gate;
 use crate::gate::verdict::Verdict;
 use crate::reject::{Action, RejectEntry, Stage};
@@ -17,22 +21,45 @@ use crate::spool::Spool;
 const MAX_LINE: usize = 4096;
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// Decides one policy request. Returns the `action=` value and, for a refusal, the reject-log
-/// entry. Recipients outside every mailbox's domain get `DUNNO`: not ours to judge.
-pub fn decide(gate: &Gate, attrs: &HashMap<String, String>) -> (String, Option<RejectEntry>) {
+/// The SPF check a request needs before it can be decided: the client Postfix saw, and the
+/// identities. None when no SPF decision is due (not RCPT, not ours, refused anyway, SPF off
+/// for the recipient's mailbox and route, or no usable client address).
+pub fn spf_needed(gate: &Gate, attrs: &HashMap<String, String>) -> Option<(IpAddr, String, String)> {
     let get = |k: &str| attrs.get(k).cloned().unwrap_or_default();
+    if !is_ours(gate, attrs) || gate.check_mail(&get("sender")) != Verdict::Accept {
+        return None;
+    }
+    let target = gate.check_rcpt(&get("recipient")).ok()?;
+    if gate.auth_policy(&target.mailbox, target.route).spf == SpfMode::Off {
+        return None;
+    }
+    let ip = get("client_address").parse().ok()?;
+    Some((ip, get("helo_name"), get("sender")))
+}
+
+/// An RCPT-stage request for a recipient in one of our mailbox domains.
+fn is_ours(gate: &Gate, attrs: &HashMap<String, String>) -> bool {
+    let get = |k: &str| attrs.get(k).map(String::as_str).unwrap_or_default();
     if get("request") != "smtpd_access_policy" || !get("protocol_state").eq_ignore_ascii_case("RCPT") {
+        return false;
+    }
+    let domain = get("recipient").rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+    gate.mailboxes().any(|t| t.domain == domain)
+}
+
+/// Decides one policy request, with the SPF result when [`spf_needed`] asked for one. Returns
+/// the `action=` value and, for a refusal, the reject-log entry. Recipients outside every
+/// mailbox's domain get `DUNNO`: not ours to judge.
+pub fn decide(gate: &Gate, attrs: &HashMap<String, String>, spf: Option<&SpfCheck>) -> (String, Option<RejectEntry>) {
+    let get = |k: &str| attrs.get(k).cloned().unwrap_or_default();
+    if !is_ours(gate, attrs) {
         return ("DUNNO".into(), None);
     }
     let recipient = get("recipient");
     let sender = get("sender");
-    let domain = recipient.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-    if !gate.mailboxes().any(|t| t.domain == domain) {
-        return ("DUNNO".into(), None);
-    }
     let verdict = match gate.check_mail(&sender) {
         Verdict::Accept => match gate.check_rcpt(&recipient) {
-            Ok(_) => Verdict::Accept,
+            Ok(target) => spf.map(|s| gate.spf_at_rcpt(&target, s)).unwrap_or(Verdict::Accept),
             Err(v) => v,
         },
         v => v,
@@ -67,8 +94,16 @@ pub fn decide(gate: &Gate, attrs: &HashMap<String, String>) -> (String, Option<R
     (action.replace(['\r', '\n'], " "), Some(entry))
 }
 
-/// Serves one persistent policy connection until Postfix closes it.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(stream: S, gate: Arc<Gate>, spool: Spool, idle: Duration) {
+/// Serves one persistent policy connection until Postfix closes it. `auth` runs SPF where a
+/// recipient's policy asks for it (None: every check is off).
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    gate: Arc<Gate>,
+    spool: Spool,
+    auth: Option<Authenticator>,
+    hostname: String,
+    idle: Duration,
+) {
     let mut reader = BufReader::new(stream);
     let mut attrs = HashMap::new();
     let mut size = 0usize;
@@ -111,7 +146,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(stream: S, gate: Arc<Gate>, 
             }
             continue;
         }
-        let (action, entry) = decide(&gate, &attrs);
+        let spf = match (&auth, spf_needed(&gate, &attrs)) {
+            (Some(a), Some((ip, helo, sender))) => Some(a.spf(ip, &helo, &sender, &hostname).await),
+            _ => None,
+        };
+        let (action, entry) = decide(&gate, &attrs, spf.as_ref());
         if let Some(entry) = entry
             && let Err(e) = spool.log_reject(&entry)
         {
@@ -158,18 +197,41 @@ mod tests {
     #[test]
     fn verdicts_map_to_actions() {
         let g = gate();
-        let (a, e) = decide(&g, &req("incoming+0123456789abcdef0123456789abcdef@in.example.com"));
+        let (a, e) = decide(&g, &req("incoming+0123456789abcdef0123456789abcdef@in.example.com"), None);
         assert_eq!(a, "DUNNO");
         assert!(e.is_none());
-        let (a, e) = decide(&g, &req("incoming+nokey@in.example.com"));
+        let (a, e) = decide(&g, &req("incoming+nokey@in.example.com"), None);
         assert!(a.starts_with("550 5.1.1 "), "{a}");
         let e = e.unwrap();
         assert_eq!(e.reason.as_str(), "unknown_key");
         assert_eq!(e.client_ip, "192.0.2.9");
         assert_eq!(e.listener, "policy");
-        let (a, _) = decide(&g, &req("someone@in.example.com"));
+        let (a, _) = decide(&g, &req("someone@in.example.com"), None);
         assert!(a.starts_with("550 5.1.1"), "{a}");
-        let (a, _) = decide(&g, &req("user@other.example.net"));
+        let (a, _) = decide(&g, &req("user@other.example.net"), None);
         assert_eq!(a, "DUNNO");
+    }
+
+    #[test]
+    fn spf_failures_are_refused_in_postfix_session() {
+        use crate::auth::{AuthResult, SpfCheck};
+        let g = gate();
+        let good = "incoming+0123456789abcdef0123456789abcdef@in.example.com";
+        let r = req(good);
+        let (ip, helo, sender) = spf_needed(&g, &r).expect("an SPF decision is due");
+        assert_eq!((ip.to_string(), sender.as_str()), ("192.0.2.9".to_string(), "a@example.org"));
+        let fail = SpfCheck::new(AuthResult::Fail, ip, &helo, &sender);
+        let (a, e) = decide(&g, &r, Some(&fail));
+        assert!(a.starts_with("550 5.7.23 "), "{a}");
+        assert_eq!(e.unwrap().reason.as_str(), "spf_fail");
+        let temp = SpfCheck::new(AuthResult::TempError, ip, &helo, &sender);
+        let (a, e) = decide(&g, &r, Some(&temp));
+        assert!(a.starts_with("DEFER_IF_PERMIT 4.7.24 "), "{a}");
+        assert_eq!(e.unwrap().reason.as_str(), "auth_temperror");
+        let pass = SpfCheck::new(AuthResult::Pass, ip, &helo, &sender);
+        assert_eq!(decide(&g, &r, Some(&pass)).0, "DUNNO");
+        // refused anyway, or not ours: no lookup
+        assert!(spf_needed(&g, &req("incoming+nokey@in.example.com")).is_none());
+        assert!(spf_needed(&g, &req("user@other.example.net")).is_none());
     }
 }
