@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Print the Postfix main.cf/master.cf settings for this config: mode A (lmtp: LMTP
+    /// transport + RCPT policy service) or mode B (proxy: before-queue smtpd_proxy_filter).
+    PostfixConfig {
+        /// lmtp (mode A) or proxy (mode B).
+        #[arg(long, value_enum)]
+        mode: cli::postfix::Mode,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +136,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             let options = cli::rejects::Options { since, reason, json, follow };
             cli::rejects::run(&cli::load_config(path)?, &options).await
         }
+        Command::PostfixConfig { mode } => cli::postfix::run(&cli::load_config(path)?, mode, path),
     }
 }
 
@@ -197,5 +205,9 @@ mod tests {
         assert!(Args::try_parse_from(["mailgate", "queue", "pop", "--lease", "0"]).is_err());
         let a = Args::try_parse_from(["mailgate", "rejects", "--since", "2h", "--reason", "spf_fail", "--follow"]);
         assert!(a.is_ok());
+        let a = Args::try_parse_from(["mailgate", "postfix-config", "--mode", "proxy", "--config", "z.toml"]).unwrap();
+        assert!(matches!(a.command, Command::PostfixConfig { mode: cli::postfix::Mode::Proxy }));
+        assert!(Args::try_parse_from(["mailgate", "postfix-config"]).is_err());
+        assert!(Args::try_parse_from(["mailgate", "postfix-config", "--mode", "milter"]).is_err());
     }
 }

@@ -5,6 +5,7 @@ pub mod backend;
 #[cfg(test)]
 mod backend_tests;
 pub mod check;
+pub mod postfix;
 pub mod queue;
 pub mod rejects;
 pub mod route;

@@ -37,14 +37,17 @@ pub fn spf_needed(gate: &Gate, attrs: &HashMap<String, String>) -> Option<(IpAdd
     Some((ip, get("helo_name"), get("sender")))
 }
 
-/// An RCPT-stage request for a recipient in one of our mailbox domains.
+/// An RCPT-stage request for a recipient in one of our mailbox domains or a subdomain of one:
+/// Postfix's `relay_domains` covers subdomains too, and mail to them must be refused here
+/// (as an unknown address), or Postfix would queue it and bounce it later.
 fn is_ours(gate: &Gate, attrs: &HashMap<String, String>) -> bool {
     let get = |k: &str| attrs.get(k).map(String::as_str).unwrap_or_default();
     if get("request") != "smtpd_access_policy" || !get("protocol_state").eq_ignore_ascii_case("RCPT") {
         return false;
     }
     let domain = get("recipient").rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-    gate.mailboxes().any(|t| t.domain == domain)
+    let domain = domain.trim_end_matches('.');
+    gate.mailboxes().any(|t| domain == t.domain || domain.ends_with(&format!(".{}", t.domain)))
 }
 
 /// Decides one policy request, with the SPF result when [`spf_needed`] asked for one. Returns
@@ -208,6 +211,9 @@ mod tests {
         assert_eq!(e.listener, "policy");
         let (a, _) = decide(&g, &req("someone@in.example.com"), None);
         assert!(a.starts_with("550 5.1.1"), "{a}");
+        let (a, e) = decide(&g, &req("x@sub.in.example.com"), None);
+        assert!(a.starts_with("550 5.1.1"), "a subdomain of a mailbox domain is refused: {a}");
+        assert_eq!(e.unwrap().reason.as_str(), "unknown_address");
         let (a, _) = decide(&g, &req("user@other.example.net"), None);
         assert_eq!(a, "DUNNO");
     }
