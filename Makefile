@@ -3,8 +3,9 @@ CARGO ?= cargo
 # command=debian-package pairs the tests and benchmarks need
 TEST_PACKAGES = swaks=swaks python3=python3
 BENCH_PACKAGES = smtp-source=postfix smtp-sink=postfix swaks=swaks
+E2E_PACKAGES = postfix=postfix sendmail=postfix smtp-source=postfix swaks=swaks
 
-.PHONY: build test unit lint bench deps fmt
+.PHONY: build test unit lint bench deps fmt e2e
 
 build:
 	$(CARGO) build --release
@@ -16,12 +17,19 @@ deps:
 test: deps
 	$(CARGO) test --all-targets
 
+# End to end behind a real, private Postfix (modes A and B of DESIGN.md): needs root; one
+# test at a time, each with its own Postfix, mailgate, DNS server and temporary directory.
+e2e:
+	@scripts/ensure-packages.sh $(E2E_PACKAGES)
+	$(CARGO) test --test e2e_postfix -- --test-threads=1
+
 unit:
 	$(CARGO) test --lib
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --test e2e_postfix -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod fixtures;
+pub mod postfix;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
