@@ -45,6 +45,7 @@ fn zone() -> Zone {
         .txt("_dmarc.strict.test", "v=DMARC1; p=reject; adkim=s; aspf=s")
         .txt("_dmarc.sp.test", "v=DMARC1; p=none; sp=reject")
         .txt("_dmarc.quar.test", "v=DMARC1; p=quarantine")
+        .silent("_dmarc.slowdmarc.test")
         .txt("lists.test", "v=spf1 ip4:127.0.0.1 -all")
         .txt("arc._domainkey.lists.test", &dkim_txt(KeyKind::Rsa2048))
         .txt("other-list.test", "v=spf1 ip4:127.0.0.1 -all")
@@ -321,7 +322,7 @@ fn after_queue_discards_instead_of_refusing() {
     assert_eq!(e["client_ip"], "192.0.2.7");
     // a DNS failure is transient: 4xx, so Postfix keeps the message and retries
     let r = send(env.ports.lmtp, true, None, "a@slow.test", &msg("a@nodmarc.test", ""));
-    assert!(r.1.starts_with("451 4.7.24"), "{r:?}");
+    assert!(r.0.starts_with("451 4.7.24"), "answered at RCPT: {r:?}");
     // passing mail through the same listener is stored with the XFORWARD client's results
     let m = sign(KeyKind::Ed25519, "good.test", "s1", &msg("alice@good.test", ""), None);
     let r = send(env.ports.lmtp, true, Some("127.0.0.1"), "alice@good.test", &m);
@@ -389,4 +390,22 @@ fn policy_service_refuses_spf_failures_at_rcpt() {
         (e["reason"].as_str(), e["listener"].as_str(), e["action"].as_str()),
         (Some("auth_temperror"), Some("policy"), Some("tempfail"))
     );
+}
+
+/// SMTP has one reply after DATA. When one recipient's policy hits a DNS failure while another's
+/// would store the message, the whole message is deferred (451), never 250 with a recipient
+/// silently dropped; the client's retry decides every recipient again.
+#[test]
+fn a_transient_failure_for_one_recipient_defers_the_whole_smtp_message() {
+    let mailboxes = "[[mailbox]]\nname = \"incoming\"\naddress = \"incoming+%{key}@mx.test\"\nauth = { dmarc = \"record\" }\n[[mailbox]]\nname = \"service_desk\"\naddress = \"desk+%{key}@mx.test\"\n";
+    let env = start("", mailboxes);
+    let mut c = Client::connect(env.ports.smtp);
+    c.cmd("EHLO relay.test");
+    let body = String::from_utf8(msg("a@slowdmarc.test", "")).unwrap();
+    let r = c.send_mail("a@nodmarc.test", &[&rcpt(), "desk+gitlab-org-gitlab-20-issue-@mx.test"], &body);
+    assert!(r.starts_with("451 "), "{r}");
+    let jobs = json_values(&stdout(&cli(&env.config, &["queue", "list", "--json"])));
+    assert!(jobs.is_empty(), "nothing stored: {jobs:?}");
+    let e = last_reject(&env);
+    assert_eq!((e["reason"].as_str(), e["action"].as_str()), (Some("auth_temperror"), Some("tempfail")));
 }

@@ -134,7 +134,8 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
         }
         job.job.envelope.rcpt_to.push(rcpt.address.clone());
         if !ctx.envelope.queue_id.is_empty() {
-            job.dedup_keys.push(dedup_key_ident(&ctx.envelope.queue_id, &rcpt.address));
+            let (mailbox, key) = (&job.job.mailbox, &job.job.key);
+            job.dedup_keys.push(dedup_key_ident(&ctx.envelope.queue_id, &rcpt.address, mailbox, key, &body_hash));
         }
         per_rcpt.push(RcptOutcome::Job(index));
     }

@@ -118,14 +118,21 @@ fn hashed(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     key
 }
 
-/// Dedup key for "the same queue id delivered to the same recipient again" (a Postfix retry
-/// after a lost 250). The recipient is compared case-insensitively. An empty queue id gives an
-/// empty key, which `store` ignores (without a queue id there is nothing to compare).
-pub fn dedup_key_ident(queue_id: &str, rcpt: &str) -> Vec<u8> {
+/// Dedup key for "the same queue file delivered to the same recipient again" (a Postfix retry
+/// after a lost 250). Postfix's short queue ids repeat (inode number and microseconds), so the
+/// key also holds the mailbox, the key and the body hash: a retry re-sends the same body, an
+/// unrelated message that happens to get a recycled queue id does not. The recipient's domain
+/// is compared case-insensitively, its local part (which holds the key) exactly. An empty
+/// queue id gives an empty key, which `store` ignores.
+pub fn dedup_key_ident(queue_id: &str, rcpt: &str, mailbox: &str, key: &str, body_sha256: &[u8; 32]) -> Vec<u8> {
     if queue_id.is_empty() {
         return Vec::new();
     }
-    hashed(b'i', &[queue_id.as_bytes(), rcpt.to_lowercase().as_bytes()])
+    let rcpt = match rcpt.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => rcpt.to_string(),
+    };
+    hashed(b'i', &[queue_id.as_bytes(), rcpt.as_bytes(), mailbox.as_bytes(), key.as_bytes(), body_sha256])
 }
 
 /// Dedup key for "the same message (Message-ID and body hash) for the same mailbox and key".
@@ -153,9 +160,13 @@ mod tests {
 
     #[test]
     fn dedup_keys() {
-        assert_eq!(dedup_key_ident("ABC", "User@Example.com"), dedup_key_ident("ABC", "user@example.com"));
-        assert_ne!(dedup_key_ident("ABC", "a@x"), dedup_key_ident("ABD", "a@x"));
-        assert!(dedup_key_ident("", "a@x").is_empty());
+        let h = [7u8; 32];
+        let k = |q: &str, r: &str| dedup_key_ident(q, r, "incoming", "k", &h);
+        assert_eq!(k("ABC", "user@Example.com"), k("ABC", "user@example.com"));
+        assert_ne!(k("ABC", "incoming+AbC@x"), k("ABC", "incoming+abc@x"), "the local part holds the key");
+        assert_ne!(k("ABC", "a@x"), k("ABD", "a@x"));
+        assert_ne!(k("ABC", "a@x"), dedup_key_ident("ABC", "a@x", "incoming", "k", &[8u8; 32]), "a recycled queue id");
+        assert!(k("", "a@x").is_empty());
         let h = [1u8; 32];
         assert_ne!(dedup_key_content("<m@x>", "incoming", "k1", &h), dedup_key_content("<m@x>", "incoming", "k2", &h));
         // Length prefixes: moving a byte between fields changes the key.

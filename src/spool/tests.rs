@@ -157,13 +157,13 @@ async fn large_job_records_are_chunked_too() {
 async fn dedup_same_key_is_a_duplicate_of_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), options()).unwrap();
-    let key = dedup_key_ident("Q1", "incoming+k@x");
+    let key = dedup_key_ident("Q1", "incoming+k@x", "incoming", "k", &[1; 32]);
     let first = stored_id(&spool.store(b"m1", vec![new_job("incoming", "k", vec![key.clone()])]).await.unwrap()[0]);
-    let again_key = dedup_key_ident("Q1", "INCOMING+K@X");
+    let again_key = dedup_key_ident("Q1", "incoming+k@X", "incoming", "k", &[1; 32]);
     let out = spool.store(b"m1", vec![new_job("incoming", "k", vec![b"other".to_vec(), again_key])]).await.unwrap();
     assert_eq!(out, vec![StoreOutcome::Duplicate { id: first.clone() }]);
     // Two jobs of one store with the same key: the second is a duplicate of the first.
-    let k2 = dedup_key_ident("Q2", "a@x");
+    let k2 = dedup_key_ident("Q2", "a@x", "incoming", "k", &[1; 32]);
     let out = spool.store(b"m2", vec![new_job("a", "1", vec![k2.clone()]), new_job("a", "2", vec![k2])]).await.unwrap();
     assert_eq!(out[1], StoreOutcome::Duplicate { id: stored_id(&out[0]) });
     // Empty keys never match.
@@ -196,7 +196,7 @@ async fn dedup_expires_after_the_window() {
 async fn concurrent_stores_of_one_key_create_one_job() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), options()).unwrap();
-    let key = dedup_key_ident("QX", "incoming+k@x");
+    let key = dedup_key_ident("QX", "incoming+k@x", "incoming", "k", &[1; 32]);
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let (spool, key) = (spool.clone(), key.clone());

@@ -82,17 +82,26 @@ where
                 }
             }
             Event::Close => {
-                let _ = write(&mut stream, &mut out).await;
+                let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                 break CloseCause::Server(session.close_cause().unwrap_or("closed"));
             }
             Event::NeedInput => {
-                if write(&mut stream, &mut out).await.is_err() {
+                if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
                     break CloseCause::Error;
                 }
                 if *shutdown.borrow() && !session.in_data() {
                     session.shutdown(&mut out);
-                    let _ = write(&mut stream, &mut out).await;
+                    flush_rejects(&mut session, &ctx.spool);
+                    let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                     break CloseCause::Server("shutdown");
+                }
+                // The session deadline holds even for a client that always has data ready
+                // (a read that never blocks would never see its timer fire).
+                if Instant::now() >= deadline {
+                    session.timeout(&mut out);
+                    flush_rejects(&mut session, &ctx.spool);
+                    let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
+                    break CloseCause::Server("timeout");
                 }
                 let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
                 let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
@@ -105,7 +114,7 @@ where
                         Err(_) => {
                             session.timeout(&mut out);
                             flush_rejects(&mut session, &ctx.spool);
-                            let _ = write(&mut stream, &mut out).await;
+                            let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                             break CloseCause::Server("timeout");
                         }
                     },
@@ -138,11 +147,20 @@ async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreReques
     flush_rejects(session, &ctx.spool);
 }
 
-async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// How long one write may take: a client that stops reading must not hold its connection
+/// slot forever. At least a second, so the final 421 of an expired session still goes out.
+fn write_limit(ctx: &ConnContext, deadline: Instant) -> Duration {
+    ctx.command_timeout.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_secs(1))
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    let r = stream.write_all(out).await;
+    let r = match tokio::time::timeout(limit, stream.write_all(out)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")),
+    };
     out.clear();
     r
 }

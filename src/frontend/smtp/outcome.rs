@@ -92,7 +92,20 @@ impl Session {
             after_queue: self.cfg.after_queue,
             auth,
         };
-        let decision = message::decide(&self.gate, &ctx, &rcpts);
+        let mut decision = message::decide(&self.gate, &ctx, &rcpts);
+        // SMTP has one reply for the whole message: if any recipient failed only temporarily,
+        // defer the whole message (the client retries and every recipient is decided again)
+        // rather than answer 250 and lose that recipient.
+        if !self.cfg.lmtp {
+            let transient = decision.per_rcpt.iter().find_map(|o| match o {
+                RcptOutcome::Refused(v @ Verdict::Tempfail { .. }) => Some(v.clone()),
+                _ => None,
+            });
+            if let Some(v) = transient {
+                decision.jobs.clear();
+                decision.per_rcpt = rcpts.iter().map(|_| RcptOutcome::Refused(v.clone())).collect();
+            }
+        }
         let pending = Pending {
             per_rcpt: decision.per_rcpt,
             rcpts: rcpts.iter().map(|r| r.address.clone()).collect(),
@@ -205,7 +218,7 @@ impl Session {
             rcpt_to: Vec::new(),
             client_ip: self.client_ip(),
             client_name: self.fwd.name.clone().unwrap_or_default(),
-            helo: self.fwd.helo.clone().or_else(|| self.helo.clone()).unwrap_or_default(),
+            helo: self.client_helo(),
             protocol: self.fwd.proto.clone().unwrap_or_else(|| self.proto.to_string()),
             queue_id: self.fwd.ident.clone().unwrap_or_default(),
         }

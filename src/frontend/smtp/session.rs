@@ -398,7 +398,9 @@ impl Session {
             }
         }
         match target {
-            Err(Verdict::Tempfail { reason, reply }) if !self.cfg.after_queue => {
+            // A 4xx never bounces, so after-queue listeners answer it at once too: the
+            // client (Postfix) keeps the message and retries this recipient.
+            Err(Verdict::Tempfail { reason, reply }) => {
                 if let Some(t) = &mut self.txn {
                     t.refused_rcpts += 1;
                 }
@@ -517,13 +519,19 @@ impl Session {
             reason,
             text: reply.text.clone(),
             client_ip: self.client_ip(),
-            helo: self.fwd.helo.clone().or_else(|| self.helo.clone()).unwrap_or_default(),
+            helo: self.client_helo(),
             mail_from: self.txn.as_ref().map(|t| t.mail_from.clone()).unwrap_or_default(),
             rcpt_to,
             message_id,
             subject,
             listener: self.cfg.listener.to_string(),
         });
+    }
+
+    /// The original client's HELO. After XFORWARD the relay's own LHLO/EHLO name is not the
+    /// client's: forwarded and local session data are never mixed (XFORWARD_README).
+    pub fn client_helo(&self) -> String {
+        if self.fwd.seen { self.fwd.helo.clone().unwrap_or_default() } else { self.helo.clone().unwrap_or_default() }
     }
 
     /// The original client's address: XFORWARD's from a trusted peer, else the socket peer.

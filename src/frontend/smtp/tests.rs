@@ -387,3 +387,15 @@ fn too_many_errors_is_a_tempfail_in_the_log() {
     assert_eq!((last.reason, last.action, last.code), (Reason::TooManyErrors, Action::Tempfail, 421));
     assert_eq!(h.s.close_cause(), Some("too_many_errors"));
 }
+
+#[test]
+fn forwarded_and_local_helo_are_never_mixed() {
+    let mut h = Harness::new(true, true, true);
+    h.ehlo();
+    h.send(b"XFORWARD ADDR=203.0.113.5 HELO=[UNAVAILABLE]\r\n");
+    h.send(format!("MAIL FROM:<a@example.org>\r\nRCPT TO:<incoming+{KEY}@localhost>\r\nDATA\r\n").as_bytes());
+    h.send(message("local").as_bytes());
+    let (raw, jobs) = &h.stored[0];
+    assert_eq!(jobs[0].job.envelope.helo, "", "not the relay's LHLO name");
+    assert!(String::from_utf8_lossy(raw).contains("Received: from unknown (unknown [203.0.113.5])"));
+}

@@ -18,7 +18,8 @@ pub(super) fn headers(session: &Session) -> Vec<u8> {
         None => ("", &[][..]),
     };
     let fwd = &session.fwd;
-    let helo = fwd.helo.as_deref().unwrap_or(session.helo());
+    let helo = session.client_helo();
+    let helo = if helo.is_empty() { "unknown".to_string() } else { helo };
     let name = fwd.name.as_deref().unwrap_or("unknown");
     let ip = session.client_ip();
     let proto = if session.cfg.lmtp { "LMTP" } else { session.proto };
@@ -26,7 +27,7 @@ pub(super) fn headers(session: &Session) -> Vec<u8> {
     h.push_str("Return-Path: <");
     h.push_str(&sanitize(mail_from));
     h.push_str(">\r\nReceived: from ");
-    h.push_str(&sanitize(helo));
+    h.push_str(&sanitize(&helo));
     h.push_str(" (");
     h.push_str(&sanitize(name));
     if !ip.is_empty() {

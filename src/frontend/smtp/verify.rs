@@ -53,7 +53,7 @@ impl Session {
     }
 
     fn check_helo(&self) -> String {
-        self.fwd.helo.clone().or_else(|| self.helo.clone()).unwrap_or_default()
+        self.client_helo()
     }
 
     /// The SPF result for the pending MAIL FROM.
