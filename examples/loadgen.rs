@@ -8,6 +8,10 @@
 //! `--from ADDR` sets the sender (envelope and From:), `--dkim ed25519|rsa2048` DKIM-signs every
 //! message for the sender's domain (selector s1 / s2, keys from tests/fixtures/keys) before the
 //! timed run starts, so signing costs nothing during it.
+//!
+//! `--times FILE` writes one line per message accepted with a 250 after DATA: its Message-ID
+//! (without angle brackets), a tab, and the wall-clock time (unix seconds, microseconds) at which
+//! the 250 arrived; the Postfix bench matches it against the jobs' `received_at`.
 
 #[path = "../tests/common/fixtures.rs"]
 mod fixtures;
@@ -25,18 +29,20 @@ struct Args {
     rcpt: String,
     from: String,
     dkim: Option<fixtures::KeyKind>,
+    times: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mut a = Args {
-        addr: it.next().ok_or("usage: loadgen ADDR [--sessions N] [--messages M] [--size S] [--rcpt ADDR]")?,
+        addr: it.next().ok_or("usage: loadgen ADDR [--sessions N] [--messages M] [--size S] [--rcpt ADDR] [--from ADDR] [--dkim KIND] [--times FILE]")?,
         sessions: 20,
         messages: 20_000,
         size: 4096,
         rcpt: "incoming+0123456789abcdef0123456789abcdef@localhost".into(),
         from: "load@example.org".into(),
         dkim: None,
+        times: None,
     };
     while let Some(flag) = it.next() {
         let v = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -46,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
             "--size" => a.size = v.parse().map_err(|e| format!("{flag}: {e}"))?,
             "--rcpt" => a.rcpt = v,
             "--from" => a.from = v,
+            "--times" => a.times = Some(v),
             "--dkim" => {
                 a.dkim = Some(match v.as_str() {
                     "ed25519" => fixtures::KeyKind::Ed25519,
@@ -71,17 +78,16 @@ async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Re
     }
 }
 
-/// Every message of one session, dot-terminated and ready to send.
-fn messages(a: &Args, id: usize, count: usize) -> Vec<Vec<u8>> {
+/// Every message of one session with its Message-ID, dot-terminated and ready to send.
+fn messages(a: &Args, id: usize, count: usize) -> Vec<(String, Vec<u8>)> {
     let filler_line = "x".repeat(76);
     let domain = a.from.rsplit_once('@').map(|(_, d)| d).unwrap_or("example.org");
     (0..count)
         .map(|n| {
+            let message_id = format!("load-{id}-{n}-{}@example.org", std::process::id());
             let mut body = format!(
-                "From: {}\r\nTo: {}\r\nMessage-ID: <load-{id}-{n}-{}@example.org>\r\nSubject: load {n}\r\nDate: Tue, 04 Mar 2025 10:15:00 +0000\r\n\r\n",
-                a.from,
-                a.rcpt,
-                std::process::id()
+                "From: {}\r\nTo: {}\r\nMessage-ID: <{message_id}>\r\nSubject: load {n}\r\nDate: Tue, 04 Mar 2025 10:15:00 +0000\r\n\r\n",
+                a.from, a.rcpt
             );
             while body.len() + 80 <= a.size {
                 body.push_str(&filler_line);
@@ -93,12 +99,16 @@ fn messages(a: &Args, id: usize, count: usize) -> Vec<Vec<u8>> {
                 None => body.into_bytes(),
             };
             raw.extend_from_slice(b".\r\n");
-            raw
+            (message_id, raw)
         })
         .collect()
 }
 
-async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::Result<(Vec<Duration>, usize)> {
+/// One session's results: end-of-DATA latencies, errors, and (Message-ID, unix time of the 250)
+/// per accepted message.
+type SessionResult = (Vec<Duration>, usize, Vec<(String, f64)>);
+
+async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::Result<SessionResult> {
     let bodies = messages(&a, id, count);
     let s = TcpStream::connect(&a.addr).await?;
     s.set_nodelay(true)?;
@@ -109,7 +119,8 @@ async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::R
     reply(&mut r).await?;
     let mut lat = Vec::with_capacity(count);
     let mut errors = 0;
-    for body in bodies {
+    let mut times = Vec::with_capacity(if a.times.is_some() { count } else { 0 });
+    for (message_id, body) in bodies {
         let head = format!("MAIL FROM:<{}>\r\nRCPT TO:<{}>\r\nDATA\r\n", a.from, a.rcpt);
         w.write_all(head.as_bytes()).await?;
         for _ in 0..3 {
@@ -121,10 +132,13 @@ async fn session(a: std::sync::Arc<Args>, id: usize, count: usize) -> std::io::R
         lat.push(t.elapsed());
         if !line.starts_with("250") {
             errors += 1;
+        } else if a.times.is_some() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            times.push((message_id, now.as_secs_f64()));
         }
     }
     w.write_all(b"QUIT\r\n").await?;
-    Ok((lat, errors))
+    Ok((lat, errors, times))
 }
 
 #[tokio::main]
@@ -141,11 +155,13 @@ async fn main() {
     let tasks: Vec<_> = (0..a.sessions).map(|i| tokio::spawn(session(a.clone(), i, per))).collect();
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut times = Vec::new();
     for t in tasks {
         match t.await {
-            Ok(Ok((lat, e))) => {
+            Ok(Ok((lat, e, ts))) => {
                 all.extend(lat);
                 errors += e;
+                times.extend(ts);
             }
             Ok(Err(e)) => {
                 eprintln!("session failed: {e}");
@@ -158,6 +174,13 @@ async fn main() {
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    if let Some(path) = &a.times {
+        let text: String = times.iter().map(|(id, t)| format!("{id}\t{t:.6}\n")).collect();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("--times {path}: {e}");
+            std::process::exit(1);
+        }
+    }
     all.sort();
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied();
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);

@@ -119,6 +119,10 @@ print("%d %.2f %.2f %d" % (statistics.median(r["per_second"] for r in rows), sta
 read -r lg_rate lg_p50 lg_p99 lg_err <<<"$lg_summary"
 ratio=$(python3 -c "print(f'{$mg_med/$sink_med:.2f}')")
 
+# --- through a private Postfix in mode A, beside Postfix -> discard: (root; its own section) ---
+RUNS=$RUNS SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-postfix.sh > "$work/postfix.md" ||
+  printf '## Through Postfix (mode A)\n\nNot measured: scripts/bench-postfix.sh failed (see its output above).\n' > "$work/postfix.md"
+
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 {
   echo "# Benchmarks"
@@ -161,6 +165,8 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo '```'
   echo
   echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
+  echo
+  cat "$work/postfix.md"
   cat docs/bench-analysis.md
 } > docs/BENCHMARKS.md
 cat docs/BENCHMARKS.md
