@@ -65,7 +65,12 @@ impl Gate {
         let mut templates: Vec<Template> = Vec::with_capacity(mailboxes.len());
         for m in mailboxes {
             let t = Template::parse(m)?;
-            if let Some(other) = templates.iter().find(|o| o.same_addresses(&t)) {
+            // Two mailboxes must not claim the same base or dedicated address either
+            // (`incoming+%{key}@h` and `incoming-%{key}@h` both have `incoming@h`): the first
+            // would silently take all its mail.
+            let base = t.base_address();
+            let shares_base = |o: &&Template| !base.starts_with('@') && o.is_base(&base);
+            if let Some(other) = templates.iter().find(|o| o.same_addresses(&t) || shares_base(o)) {
                 return Err(GateError::DuplicateAddress {
                     name: t.mailbox.clone(),
                     other: other.mailbox.clone(),
@@ -203,6 +208,25 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn two_mailboxes_cannot_share_a_base_address() {
+        let mb = |name: &str, address: &str| MailboxConfig {
+            name: name.into(),
+            address: address.into(),
+            reply_host: None,
+            routes: crate::config::RouteSet::Gitlab,
+            auth: None,
+        };
+        let policy = PolicyConfig::default();
+        let plus_and_minus = [mb("a", "incoming+%{key}@h.example"), mb("b", "incoming-%{key}@h.example")];
+        assert!(matches!(Gate::new(&plus_and_minus, &policy), Err(GateError::DuplicateAddress { .. })));
+        let keyed_and_dedicated = [mb("a", "incoming+%{key}@h.example"), mb("b", "incoming@H.example")];
+        assert!(matches!(Gate::new(&keyed_and_dedicated, &policy), Err(GateError::DuplicateAddress { .. })));
+        let distinct = [mb("a", "incoming+%{key}@h.example"), mb("b", "desk+%{key}@h.example")];
+        assert!(Gate::new(&distinct, &policy).is_ok());
+    }
+
     use super::*;
     use crate::config::RouteSet;
     use mail_parser::MessageParser;
