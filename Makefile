@@ -1,7 +1,7 @@
 # mailgate: build, test, lint, bench.
 CARGO ?= cargo
 # command=debian-package pairs the tests and benchmarks need
-TEST_PACKAGES = swaks=swaks python3=python3
+TEST_PACKAGES = swaks=swaks python3=python3 redis-server=redis-server
 BENCH_PACKAGES = smtp-source=postfix smtp-sink=postfix swaks=swaks
 E2E_PACKAGES = postfix=postfix sendmail=postfix smtp-source=postfix swaks=swaks
 

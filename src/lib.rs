@@ -4,10 +4,13 @@
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod frontend;
 pub mod gate;
 pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod reject;
+pub mod reply;
 pub mod server;
 pub mod spool;
