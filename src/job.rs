@@ -187,7 +187,7 @@ pub struct Job {
     pub envelope: Envelope,
     pub message: MessageInfo,
     pub auth: AuthResults,
-    /// The reply without quotes and signature; `null` until reply trimming is implemented.
+    /// The reply without quoted text and signatures (`null` when the message has no text).
     pub reply_text: Option<String>,
     /// While leased: when the lease ends and the job goes back to `ready`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
@@ -198,6 +198,10 @@ pub struct Job {
     /// The last delivery error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// While a ready job waits for its next delivery attempt (after a failed one): when that
+    /// attempt is due. Push workers and the pull API skip it until then.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
 }
 
 /// Formats a job id from the spool's 64-bit sequence number (16 hex digits: sortable).

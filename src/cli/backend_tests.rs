@@ -38,6 +38,7 @@ fn job() -> Job {
         lease_until: None,
         updated_at: None,
         last_error: None,
+        next_attempt_at: None,
     }
 }
 

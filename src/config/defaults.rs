@@ -97,6 +97,11 @@ pub(super) fn default_spool_dir() -> PathBuf {
 pub(super) fn default_dedup_window() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
+/// Done jobs are kept a week: long enough to replay a day's mail after an application bug.
+pub(super) fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
 pub(super) fn default_reject_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
 }

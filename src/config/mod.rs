@@ -273,6 +273,9 @@ pub struct SpoolConfig {
     /// At most this many reject-log entries are kept (oldest dropped first).
     #[serde(default = "default_reject_max_entries")]
     pub reject_max_entries: usize,
+    /// Done jobs and their raw messages are purged this long after delivery ("0s": at once).
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -282,6 +285,7 @@ impl Default for SpoolConfig {
             dedup_window: default_dedup_window(),
             reject_retention: default_reject_retention(),
             reject_max_entries: default_reject_max_entries(),
+            retention: default_retention(),
         }
     }
 }

@@ -139,6 +139,13 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
         }
         per_rcpt.push(RcptOutcome::Job(index));
     }
+    // The reply text is worked out once per accepted message, never for a refused one.
+    if !jobs.is_empty() {
+        let reply = crate::reply::reply_text(ctx.raw);
+        for job in &mut jobs {
+            job.job.reply_text.clone_from(&reply);
+        }
+    }
     Decision { jobs, per_rcpt, info }
 }
 
@@ -187,6 +194,7 @@ fn new_job(
             lease_until: None,
             updated_at: None,
             last_error: None,
+            next_attempt_at: None,
         },
         dedup_keys,
     }

@@ -189,6 +189,7 @@ fn sample_job(mailbox: &str, key: &str) -> crate::job::Job {
         lease_until: None,
         updated_at: None,
         last_error: None,
+        next_attempt_at: None,
     }
 }
 

@@ -23,13 +23,33 @@ pub(super) fn id_key(id: u64) -> [u8; 8] {
 
 /// State index key: state tag byte + job id.
 pub(super) fn state_key(state: JobState, id: u64) -> [u8; 9] {
+    tagged_key(state.tag(), id)
+}
+
+/// State index tag of a ready job that waits for its next attempt (counted as ready).
+pub(super) const WAITING_TAG: u8 = b'w';
+
+/// The job's state index tag: its state's, or [`WAITING_TAG`] for a ready job with a future
+/// attempt time.
+pub(super) fn index_tag(job: &crate::job::Job) -> u8 {
+    if job.state == JobState::Ready && job.next_attempt_at.is_some() { WAITING_TAG } else { job.state.tag() }
+}
+
+/// State index key from a tag (see [`index_tag`]) and a job id.
+pub(super) fn tagged_key(tag: u8, id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = state.tag();
+    k[0] = tag;
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
 }
 
-/// Lease index key: expiry (unix ms) + job id.
+/// Reference index key: raw message blob id + id of a job that uses it.
+pub(super) fn ref_key(raw_id: u64, id: u64) -> [u8; 16] {
+    lease_key(raw_id, id)
+}
+
+/// Timer index key (tree `leases`): when (unix ms) + job id. A timer ends a lease, ends a
+/// wait for the next attempt, or purges a done job.
 pub(super) fn lease_key(until_ms: u64, id: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&until_ms.to_be_bytes());

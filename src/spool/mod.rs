@@ -1,14 +1,17 @@
 //! The durable spool: jobs, raw messages, states, leases, the dedup index and the reject log,
 //! in one sled database, made durable by one group committer.
 //!
-//! Trees: `jobs` (id -> record), `state` (state tag + id -> mailbox), `leases` (expiry ms + id),
-//! `raw` (blob id + chunk index -> at most 4 KiB), `dedup` (key -> job id + expiry ms),
-//! `rejects` (unix nanos + sequence -> entry JSON). A job record, its state index entry, its
-//! lease entry and its dedup entries always change in one transaction.
+//! Trees: `jobs` (id -> record), `state` (state tag + id -> mailbox; ready jobs waiting for a
+//! retry have their own tag), `leases` (timers: when ms + id, for lease ends, retry waits and
+//! purges), `raw` (blob id + chunk index -> at most 4 KiB), `refs` (raw blob id + job id: who
+//! uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
+//! entry JSON). A job record, its state index entry, its timer and its dedup entries always
+//! change in one transaction.
 //!
-//! Files: `committer.rs` (group commit), `jobs.rs` (store and state changes), `rejects.rs`
-//! (reject log), `dedup.rs` (dedup lookups and expiry), `raw.rs` (chunked blobs),
-//! `records.rs` (the internal job record), `keys.rs` (encodings, dedup key builders).
+//! Files: `committer.rs` (group commit), `jobs.rs` (store), `transitions.rs` (state changes,
+//! leases), `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup
+//! lookups and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record),
+//! `keys.rs` (encodings, dedup key builders).
 
 mod committer;
 
@@ -20,12 +23,17 @@ mod keys;
 mod raw;
 mod records;
 mod rejects;
+mod timers;
+mod transitions;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_delivery;
 #[cfg(test)]
 mod tests_queue;
 
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +50,8 @@ use committer::{Committer, Msg};
 use records::StoredJob;
 
 pub use keys::{dedup_key_content, dedup_key_ident};
+pub use timers::Reaped;
+pub use transitions::AfterFailure;
 
 /// Spool tuning, from `[spool]`.
 #[derive(Debug, Clone)]
@@ -52,6 +62,8 @@ pub struct SpoolOptions {
     pub reject_retention: Duration,
     /// At most this many reject-log entries are kept, oldest dropped first (zero: no limit).
     pub reject_max_entries: usize,
+    /// Done jobs and their raw messages are purged this long after delivery (zero: at once).
+    pub retention: Duration,
 }
 
 impl From<&crate::config::SpoolConfig> for SpoolOptions {
@@ -60,6 +72,7 @@ impl From<&crate::config::SpoolConfig> for SpoolOptions {
             dedup_window: c.dedup_window,
             reject_retention: c.reject_retention,
             reject_max_entries: c.reject_max_entries,
+            retention: c.retention,
         }
     }
 }
@@ -109,6 +122,9 @@ pub struct Stats {
     pub leased: u64,
     pub done: u64,
     pub dead: u64,
+    /// Ready jobs waiting for their next delivery attempt (included in `ready`).
+    #[serde(default)]
+    pub waiting: u64,
     pub rejects: u64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub oldest_ready: Option<OffsetDateTime>,
@@ -144,25 +160,42 @@ struct Inner {
     state: Tree,
     leases: Tree,
     raw: Tree,
+    refs: Tree,
     dedup: Tree,
     rejects: Tree,
     commits: mpsc::UnboundedSender<Msg>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     flushes: Arc<AtomicU64>,
-    /// Jobs per state, indexed by [`state_index`].
-    counts: [AtomicU64; 4],
+    /// Jobs per mailbox and state index tag (see [`Depth`]).
+    depth: Mutex<HashMap<Vec<u8>, Depth>>,
+    /// Woken when jobs may have become ready for workers.
+    ready: tokio::sync::Notify,
     reject_count: AtomicU64,
     /// Last reject key (nanos, sequence): keys only grow, so a cursor never misses an entry.
     reject_clock: Mutex<(u64, u32)>,
     closed: AtomicBool,
 }
 
-fn state_index(s: JobState) -> usize {
-    match s {
-        JobState::Ready => 0,
-        JobState::Leased => 1,
-        JobState::Done => 2,
-        JobState::Dead => 3,
+/// Jobs of one mailbox per state; `waiting` are ready jobs waiting for a retry (not in `ready`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub ready: u64,
+    pub waiting: u64,
+    pub leased: u64,
+    pub done: u64,
+    pub dead: u64,
+}
+
+impl Depth {
+    fn slot(&mut self, tag: u8) -> Option<&mut u64> {
+        Some(match tag {
+            t if t == JobState::Ready.tag() => &mut self.ready,
+            keys::WAITING_TAG => &mut self.waiting,
+            t if t == JobState::Leased.tag() => &mut self.leased,
+            t if t == JobState::Done.tag() => &mut self.done,
+            t if t == JobState::Dead.tag() => &mut self.dead,
+            _ => return None,
+        })
     }
 }
 
@@ -194,15 +227,15 @@ impl Spool {
         let tree = |name: &str| db.open_tree(name);
         let (jobs, state, leases, raw, dedup, rejects) =
             (tree("jobs")?, tree("state")?, tree("leases")?, tree("raw")?, tree("dedup")?, tree("rejects")?);
+        let refs = tree("refs")?;
 
-        let counts: [AtomicU64; 4] = Default::default();
-        for s in JobState::ALL {
-            let mut n = 0u64;
-            for item in state.scan_prefix([s.tag()]).keys() {
-                item?;
-                n += 1;
+        let mut depth: HashMap<Vec<u8>, Depth> = HashMap::new();
+        for item in state.iter() {
+            let (key, mailbox) = item?;
+            let tag = key.first().copied().unwrap_or(0);
+            if let Some(n) = depth.entry(mailbox.to_vec()).or_default().slot(tag) {
+                *n += 1;
             }
-            counts[state_index(s)].store(n, Ordering::Relaxed);
         }
         let mut reject_count = 0u64;
         for item in rejects.iter().keys() {
@@ -226,12 +259,14 @@ impl Spool {
             state,
             leases,
             raw,
+            refs,
             dedup,
             rejects,
             commits,
             committer: Mutex::new(Some(handle)),
             flushes,
-            counts,
+            depth: Mutex::new(depth),
+            ready: tokio::sync::Notify::new(),
             reject_count: AtomicU64::new(reject_count),
             reject_clock: Mutex::new(last_reject),
             closed: AtomicBool::new(false),
@@ -303,55 +338,97 @@ impl Spool {
         }
     }
 
-    /// Jobs, oldest first, optionally of one state; `limit` 0 = no limit.
+    /// Jobs, oldest first, optionally of one state (ready includes jobs waiting for a retry);
+    /// `limit` 0 = no limit.
     pub fn list(&self, state: Option<JobState>, limit: usize) -> Result<Vec<Job>, SpoolError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
         let mut out = Vec::new();
-        match state {
-            None => {
-                for item in self.0.jobs.iter().values() {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    out.push(StoredJob::decode(&item?)?.load(&self.0.raw)?);
+        let Some(s) = state else {
+            for item in self.0.jobs.iter().values() {
+                if out.len() >= limit {
+                    break;
                 }
+                out.push(StoredJob::decode(&item?)?.load(&self.0.raw)?);
             }
-            Some(s) => {
-                for item in self.0.state.scan_prefix([s.tag()]).keys() {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    let key = item?;
-                    let id = keys::be_u64(&key[1..]).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
-                    // The job may have changed state since the index was read: skip it then.
-                    if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
-                        out.push(rec.load(&self.0.raw)?);
-                    }
-                }
+            return Ok(out);
+        };
+        let mut ids = self.indexed(s.tag(), limit)?;
+        if s == JobState::Ready {
+            ids.extend(self.indexed(keys::WAITING_TAG, limit)?);
+            ids.sort_unstable();
+            ids.truncate(limit);
+        }
+        for id in ids {
+            // The job may have changed state since the index was read: skip it then.
+            if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
+                out.push(rec.load(&self.0.raw)?);
             }
         }
         Ok(out)
     }
 
+    /// The first `limit` job ids under one state index tag.
+    fn indexed(&self, tag: u8, limit: usize) -> Result<Vec<u64>, SpoolError> {
+        let mut ids = Vec::new();
+        for key in self.0.state.scan_prefix([tag]).keys().take(limit) {
+            let key = key?;
+            ids.push(keys::be_u64(&key[1..]).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?);
+        }
+        Ok(ids)
+    }
+
     /// Counts per state (kept in memory) and the age of the oldest ready job.
     pub fn stats(&self) -> Result<Stats, SpoolError> {
-        let c = |s: JobState| self.0.counts[state_index(s)].load(Ordering::Relaxed);
-        let oldest_ready = match self.0.state.scan_prefix([JobState::Ready.tag()]).keys().next() {
-            Some(key) => {
-                let key = key?;
-                let id = keys::be_u64(&key[1..]).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
-                self.record(id)?.map(|r| r.job.received_at)
-            }
+        let mut total = Depth::default();
+        for d in self.depth().into_values() {
+            total.ready += d.ready;
+            total.waiting += d.waiting;
+            total.leased += d.leased;
+            total.done += d.done;
+            total.dead += d.dead;
+        }
+        let mut oldest = self.indexed(JobState::Ready.tag(), 1)?;
+        oldest.extend(self.indexed(keys::WAITING_TAG, 1)?);
+        let oldest_ready = match oldest.into_iter().min() {
+            Some(id) => self.record(id)?.map(|r| r.job.received_at),
             None => None,
         };
         Ok(Stats {
-            ready: c(JobState::Ready),
-            leased: c(JobState::Leased),
-            done: c(JobState::Done),
-            dead: c(JobState::Dead),
+            ready: total.ready + total.waiting,
+            leased: total.leased,
+            done: total.done,
+            dead: total.dead,
+            waiting: total.waiting,
             rejects: self.0.reject_count.load(Ordering::Relaxed),
             oldest_ready,
         })
+    }
+
+    /// Jobs per mailbox and state, kept in memory.
+    pub fn depth(&self) -> HashMap<String, Depth> {
+        let map = match self.0.depth.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), *v)).collect()
+    }
+
+    /// Moves one job of `mailbox` from index tag `from` to `to` in the in-memory counts.
+    fn count(&self, mailbox: &[u8], from: Option<u8>, to: Option<u8>) {
+        let mut map = match self.0.depth.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let depth = match map.get_mut(mailbox) {
+            Some(d) => d,
+            None => map.entry(mailbox.to_vec()).or_default(),
+        };
+        if let Some(n) = from.and_then(|t| depth.slot(t)) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(n) = to.and_then(|t| depth.slot(t)) {
+            *n += 1;
+        }
     }
 
     /// Drops expired dedup entries and reject-log entries past retention or over the maximum;
@@ -365,7 +442,7 @@ impl Spool {
         Ok(removed)
     }
 
-    /// Reaps expired leases every second and prunes every minute until `shutdown` is true.
+    /// Runs due timers (lease ends, retry waits, purges) every second and prunes every minute until `shutdown` is true.
     pub fn spawn_maintenance(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let spool = self.clone();
         tokio::spawn(async move {
@@ -385,8 +462,12 @@ impl Spool {
                         continue;
                     }
                 }
-                if let Err(e) = spool.reap_leases().await {
-                    tracing::warn!(target: "mailgate::spool", error = %e, "lease reaper failed");
+                match spool.reap().await {
+                    Ok(r) if r.purged > 0 => {
+                        tracing::debug!(target: "mailgate::spool", purged = r.purged, "done jobs past retention purged");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(target: "mailgate::spool", error = %e, "timer reaper failed"),
                 }
                 if ticks.is_multiple_of(60)
                     && let Err(e) = spool.prune().await

@@ -19,6 +19,10 @@ pub(super) struct StoredJob {
     /// Blob id of the full job when `job` is only a stub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full: Option<u64>,
+    /// Leased by one of this process's push workers (not by a pull client): such a lease dies
+    /// with the process, so the next start releases it at once instead of waiting it out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub push: bool,
     pub job: Job,
 }
 
@@ -27,11 +31,11 @@ impl StoredJob {
     pub fn build(db: &sled::Db, raw_tree: &Tree, raw_id: u64, job: Job) -> Result<StoredJob, SpoolError> {
         let json = serde_json::to_vec(&job).map_err(|e| SpoolError::Corrupt(format!("job serialization: {e}")))?;
         if json.len() <= RECORD_INLINE_MAX {
-            return Ok(StoredJob { raw_id, full: None, job });
+            return Ok(StoredJob { raw_id, full: None, push: false, job });
         }
         let blob = db.generate_id()?;
         raw::write(raw_tree, blob, &json)?;
-        Ok(StoredJob { raw_id, full: Some(blob), job: stub(job) })
+        Ok(StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) })
     }
 
     pub fn decode(bytes: &[u8]) -> Result<StoredJob, SpoolError> {
@@ -56,6 +60,7 @@ impl StoredJob {
         full.lease_until = s.lease_until;
         full.updated_at = s.updated_at;
         full.last_error = s.last_error;
+        full.next_attempt_at = s.next_attempt_at;
         Ok(full)
     }
 }

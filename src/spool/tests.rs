@@ -29,6 +29,7 @@ pub(super) fn job(mailbox: &str, key: &str) -> Job {
         lease_until: None,
         updated_at: None,
         last_error: None,
+        next_attempt_at: None,
     }
 }
 
@@ -41,6 +42,7 @@ pub(super) fn options() -> SpoolOptions {
         dedup_window: Duration::from_secs(3600),
         reject_retention: Duration::from_secs(3600),
         reject_max_entries: 1000,
+        retention: Duration::from_secs(3600),
     }
 }
 

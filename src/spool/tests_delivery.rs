@@ -1,0 +1,138 @@
+//! Spool tests for delivery: retry waits, push leases, bulk retry, purging after retention.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::tests::{new_job, options, stored_id};
+use super::*;
+
+fn open(dir: &Path, retention: Duration) -> Spool {
+    Spool::open(dir, SpoolOptions { retention, ..options() }).unwrap()
+}
+
+#[tokio::test]
+async fn a_waiting_job_is_ready_but_not_leased_until_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    let id = stored_id(&spool.store(b"m", vec![new_job("incoming", "k", vec![])]).await.unwrap()[0]);
+    let lease = Duration::from_secs(60);
+    assert_eq!(spool.lease_for_push(&["incoming"], lease).unwrap().unwrap().id, id);
+    let at = OffsetDateTime::now_utc() + Duration::from_millis(300);
+    let job = spool.fail_to(&id, "HTTP 500", AfterFailure::RetryAt(at), false).await.unwrap();
+    assert_eq!(job.state, JobState::Ready);
+    assert_eq!(job.last_error.as_deref(), Some("HTTP 500"));
+    assert!(job.next_attempt_at.is_some() && job.lease_until.is_none());
+    let stats = spool.stats().unwrap();
+    assert_eq!((stats.ready, stats.waiting, stats.leased), (1, 1, 0));
+    assert!(stats.oldest_ready.is_some());
+    assert_eq!(spool.list(Some(JobState::Ready), 0).unwrap().len(), 1, "listed as ready");
+    assert!(spool.lease_for_push(&[], lease).unwrap().is_none(), "not due yet");
+    assert!(spool.lease_next(None, lease).await.unwrap().is_none(), "not for pull clients either");
+    assert_eq!(spool.reap().await.unwrap(), Reaped::default(), "nothing due yet");
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(spool.reap().await.unwrap().ready, 1);
+    let job = spool.get(&id).unwrap().unwrap();
+    assert_eq!((job.state, job.next_attempt_at), (JobState::Ready, None));
+    assert_eq!(spool.stats().unwrap().waiting, 0);
+    let job = spool.lease_for_push(&["incoming"], lease).unwrap().unwrap();
+    assert_eq!(job.attempts, 2);
+    assert_eq!(spool.fail_to(&id, "HTTP 400", AfterFailure::Dead, false).await.unwrap().state, JobState::Dead);
+    // A dead job can be acknowledged by nobody and is retried from the start.
+    let job = spool.retry(&id).await.unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Ready, 0));
+}
+
+#[tokio::test]
+async fn an_operator_may_ack_a_waiting_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    let id = stored_id(&spool.store(b"m", vec![new_job("incoming", "k", vec![])]).await.unwrap()[0]);
+    spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
+    let at = OffsetDateTime::now_utc() + Duration::from_millis(100);
+    spool.fail_to(&id, "down", AfterFailure::RetryAt(at), true).await.unwrap();
+    assert_eq!(spool.ack(&id).await.unwrap().state, JobState::Done);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The wait's timer went with the ack: nothing goes back to ready.
+    assert_eq!(spool.reap().await.unwrap().ready, 0);
+    assert_eq!(spool.get(&id).unwrap().unwrap().state, JobState::Done);
+}
+
+#[tokio::test]
+async fn push_leases_are_released_on_the_next_start_pull_leases_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (push, pull) = {
+        let spool = open(dir.path(), Duration::from_secs(3600));
+        let out = spool
+            .store(b"m", vec![new_job("incoming", "a", vec![]), new_job("incoming", "b", vec![])])
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(600);
+        let push = spool.lease_for_push(&["incoming"], lease).unwrap().unwrap().id;
+        let pull = spool.lease_next(None, lease).await.unwrap().unwrap().id;
+        assert_eq!(vec![push.clone(), pull.clone()], out.iter().map(stored_id).collect::<Vec<_>>());
+        spool.close().await.unwrap();
+        (push, pull)
+    };
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    assert_eq!(spool.release_push_leases().await.unwrap(), 1);
+    assert_eq!(spool.get(&push).unwrap().unwrap().state, JobState::Ready);
+    assert_eq!(spool.get(&pull).unwrap().unwrap().state, JobState::Leased);
+    assert_eq!(spool.release_push_leases().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn bulk_retry_by_mailbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    for (mailbox, key) in [("incoming", "a"), ("incoming", "b"), ("service_desk", "c")] {
+        spool.store(key.as_bytes(), vec![new_job(mailbox, key, vec![])]).await.unwrap();
+    }
+    while let Some(job) = spool.lease_for_push(&[], Duration::from_secs(60)).unwrap() {
+        spool.fail_to(&job.id, "HTTP 400", AfterFailure::Dead, false).await.unwrap();
+    }
+    assert_eq!(spool.stats().unwrap().dead, 3);
+    assert_eq!(spool.retry_all(Some("service_desk")).await.unwrap(), 1);
+    assert_eq!(spool.retry_all(None).await.unwrap(), 2);
+    assert_eq!(spool.retry_all(None).await.unwrap(), 0);
+    let depth = spool.depth();
+    assert_eq!(depth["incoming"].ready, 2);
+    assert_eq!(depth["service_desk"].ready, 1);
+}
+
+#[tokio::test]
+async fn done_jobs_are_purged_after_retention_and_the_raw_message_with_the_last_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::ZERO);
+    let big = "x".repeat(20_000);
+    let mut a = new_job("incoming", "a", vec![]);
+    a.job.message.subject = big.clone(); // a record kept as a stub plus a blob
+    let out = spool.store(&vec![b'm'; 10_000], vec![a, new_job("incoming", "b", vec![])]).await.unwrap();
+    let ids: Vec<String> = out.iter().map(stored_id).collect();
+    spool.ack(&ids[0]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(spool.reap().await.unwrap().purged, 1);
+    assert!(spool.get(&ids[0]).unwrap().is_none());
+    assert_eq!(spool.raw(&ids[1]).unwrap().unwrap().len(), 10_000, "the other job still has the message");
+    assert_eq!(spool.stats().unwrap().done, 0);
+    spool.ack(&ids[1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(spool.reap().await.unwrap().purged, 1);
+    assert!(spool.raw(&ids[1]).unwrap().is_none());
+    assert_eq!(spool.0.raw.len(), 0, "no chunk left behind");
+    assert_eq!(spool.0.refs.len(), 0);
+    assert_eq!(spool.0.leases.len(), 0);
+    assert_eq!(spool.depth()["incoming"], Depth::default());
+}
+
+#[tokio::test]
+async fn retention_keeps_done_jobs_until_it_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    let id = stored_id(&spool.store(b"m", vec![new_job("incoming", "k", vec![])]).await.unwrap()[0]);
+    spool.ack(&id).await.unwrap();
+    assert_eq!(spool.reap().await.unwrap(), Reaped::default());
+    assert_eq!(spool.get(&id).unwrap().unwrap().state, JobState::Done);
+    assert_eq!(spool.0.leases.len(), 1, "one purge timer");
+}

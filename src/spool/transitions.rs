@@ -1,0 +1,323 @@
+//! Moving jobs between states. Every change of a job record happens in one transaction with
+//! its state index entry and its timer (lease end, next attempt, purge). Pull-API calls return
+//! after the group commit that covers them; push-worker calls only ask for one (a lost lease
+//! or acknowledgement after a crash means one more delivery, never a lost job).
+
+use std::time::Duration;
+
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
+use time::OffsetDateTime;
+
+use super::jobs::tx_error;
+use super::keys::{add_saturating, be_u64, id_key, index_tag, lease_key, now_ms_precision, tagged_key, unix_ms};
+use super::records::StoredJob;
+use super::{Spool, SpoolError};
+use crate::job::{Job, JobState, format_id, parse_id};
+
+/// Longest `last_error` kept on a job.
+const MAX_ERROR_LEN: usize = 1000;
+
+/// Where a failed attempt sends the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Ready again at once.
+    Ready,
+    /// Ready, but waiting until then for its next attempt.
+    RetryAt(OffsetDateTime),
+    /// Dead: no more attempts until an operator retries it.
+    Dead,
+}
+
+/// A state change.
+pub(super) enum Change {
+    Lease { until: OffsetDateTime, push: bool },
+    Ack,
+    Nack,
+    Retry,
+    Fail { error: String, next: AfterFailure },
+    /// A timer at `ms` fired: the lease that ends then, or the wait that ends then, is over.
+    Timer { ms: u64 },
+    /// A push worker's lease left behind by an earlier process.
+    Release,
+}
+
+impl Change {
+    fn allowed(&self) -> (&'static [JobState], &'static str) {
+        match self {
+            Change::Lease { .. } => (&[JobState::Ready], "ready"),
+            Change::Ack => (&[JobState::Leased, JobState::Ready], "leased or ready"),
+            Change::Nack | Change::Fail { .. } | Change::Release => (&[JobState::Leased], "leased"),
+            Change::Timer { .. } => (&[JobState::Leased, JobState::Ready], "leased or waiting"),
+            Change::Retry => (&[JobState::Dead], "dead"),
+        }
+    }
+
+    /// Whether the change applies to this record beyond its state.
+    fn applies(&self, record: &StoredJob) -> bool {
+        let job = &record.job;
+        match self {
+            Change::Lease { .. } => job.next_attempt_at.is_none(),
+            Change::Timer { ms } => match job.state {
+                JobState::Leased => job.lease_until.map(unix_ms) == Some(*ms),
+                _ => job.next_attempt_at.map(unix_ms) == Some(*ms),
+            },
+            Change::Release => record.push,
+            _ => true,
+        }
+    }
+
+    /// Whether the change can make a job available to workers.
+    fn frees(&self) -> bool {
+        matches!(
+            self,
+            Change::Nack | Change::Retry | Change::Timer { .. } | Change::Release | Change::Fail { next: AfterFailure::Ready, .. }
+        )
+    }
+}
+
+/// The job's timer: its lease end while leased, its next attempt while waiting.
+fn timer_ms(job: &Job) -> Option<u64> {
+    match job.state {
+        JobState::Leased => job.lease_until.map(unix_ms),
+        JobState::Ready => job.next_attempt_at.map(unix_ms),
+        JobState::Done | JobState::Dead => None,
+    }
+}
+
+fn apply(record: &mut StoredJob, change: &Change) {
+    let job = &mut record.job;
+    let mut push = false;
+    match change {
+        Change::Lease { until, push: p } => {
+            job.state = JobState::Leased;
+            job.attempts = job.attempts.saturating_add(1);
+            job.lease_until = Some(*until);
+            push = *p;
+        }
+        Change::Ack => {
+            job.state = JobState::Done;
+            job.next_attempt_at = None;
+        }
+        Change::Nack | Change::Release => job.state = JobState::Ready,
+        Change::Retry => {
+            job.state = JobState::Ready;
+            job.attempts = 0;
+        }
+        Change::Timer { .. } => {
+            job.state = JobState::Ready;
+            job.next_attempt_at = None;
+        }
+        Change::Fail { error, next } => {
+            job.last_error = Some(error.clone());
+            match next {
+                AfterFailure::Ready => job.state = JobState::Ready,
+                AfterFailure::RetryAt(at) => {
+                    job.state = JobState::Ready;
+                    job.next_attempt_at = Some(*at);
+                }
+                AfterFailure::Dead => job.state = JobState::Dead,
+            }
+        }
+    }
+    if job.state != JobState::Leased {
+        job.lease_until = None;
+    }
+    record.push = push;
+}
+
+impl Spool {
+    /// Applies `change` to job `id` in one transaction; returns the new record.
+    pub(super) fn transition(&self, id: u64, change: &Change) -> Result<StoredJob, SpoolError> {
+        let (allowed, wanted) = change.allowed();
+        let now = now_ms_precision();
+        let purge_ms = unix_ms(add_saturating(now, self.0.opts.retention));
+        let i = &self.0;
+        let (old_tag, record) = (&i.jobs, &i.state, &i.leases)
+            .transaction(|(jobs, state, timers)| {
+                let abort = ConflictableTransactionError::Abort;
+                let Some(bytes) = jobs.get(id_key(id))? else {
+                    return Err(abort(SpoolError::NotFound(format_id(id))));
+                };
+                let mut record = StoredJob::decode(&bytes).map_err(abort)?;
+                let old = record.job.state;
+                if !allowed.contains(&old) || !change.applies(&record) {
+                    return Err(abort(SpoolError::WrongState { id: record.job.id.clone(), state: old, wanted }));
+                }
+                let (old_tag, old_timer) = (index_tag(&record.job), timer_ms(&record.job));
+                apply(&mut record, change);
+                let job = &mut record.job;
+                job.updated_at = Some(now);
+                let (new_tag, new_timer) = (index_tag(job), timer_ms(job));
+                if old_timer != new_timer {
+                    if let Some(ms) = old_timer {
+                        timers.remove(&lease_key(ms, id)[..])?;
+                    }
+                    if let Some(ms) = new_timer {
+                        timers.insert(&lease_key(ms, id)[..], &[][..])?;
+                    }
+                }
+                if job.state == JobState::Done && old != JobState::Done {
+                    timers.insert(&lease_key(purge_ms, id)[..], &[][..])?;
+                }
+                if old_tag != new_tag {
+                    state.remove(&tagged_key(old_tag, id)[..])?;
+                    state.insert(&tagged_key(new_tag, id)[..], job.mailbox.as_bytes())?;
+                }
+                jobs.insert(&id_key(id)[..], record.encode().map_err(abort)?)?;
+                Ok((old_tag, record))
+            })
+            .map_err(tx_error)?;
+        let new_tag = index_tag(&record.job);
+        if old_tag != new_tag {
+            self.count(record.job.mailbox.as_bytes(), Some(old_tag), Some(new_tag));
+        }
+        if change.frees() {
+            self.0.ready.notify_waiters();
+        }
+        Ok(record)
+    }
+
+    async fn change(&self, id: &str, change: Change, durable: bool) -> Result<Job, SpoolError> {
+        self.check_open()?;
+        let n = parse_id(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+        let record = self.transition(n, &change)?;
+        if durable {
+            self.commit().await?;
+        } else {
+            self.commit_soon();
+        }
+        record.load(&self.0.raw)
+    }
+
+    /// Leases the oldest ready job of one of `mailboxes` (`None`: any mailbox) whose next
+    /// attempt is due: state leased, attempts + 1, `lease_until` set.
+    fn lease_first(
+        &self,
+        mailboxes: Option<&[&str]>,
+        lease: Duration,
+        push: bool,
+    ) -> Result<Option<StoredJob>, SpoolError> {
+        self.check_open()?;
+        let until = add_saturating(now_ms_precision(), lease);
+        for item in self.0.state.scan_prefix([JobState::Ready.tag()]) {
+            let (key, job_mailbox) = item?;
+            if mailboxes.is_some_and(|m| !m.iter().any(|m| m.as_bytes() == job_mailbox.as_ref())) {
+                continue;
+            }
+            let id = key.get(1..).and_then(be_u64).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
+            match self.transition(id, &Change::Lease { until, push }) {
+                Ok(record) => return Ok(Some(record)),
+                // Another consumer took it between the scan and the transaction.
+                Err(SpoolError::WrongState { .. } | SpoolError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Pull API: leases the oldest due ready job (of `mailbox`); durable before it returns.
+    pub async fn lease_next(&self, mailbox: Option<&str>, lease: Duration) -> Result<Option<Job>, SpoolError> {
+        let only = mailbox.map(|m| [m]);
+        let Some(record) = self.lease_first(only.as_ref().map(|m| &m[..]), lease, false)? else { return Ok(None) };
+        self.commit().await?;
+        record.load(&self.0.raw).map(Some)
+    }
+
+    /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without
+    /// waiting for the commit. Such leases are released when the process starts again.
+    pub fn lease_for_push(&self, mailboxes: &[&str], lease: Duration) -> Result<Option<Job>, SpoolError> {
+        let filter = if mailboxes.is_empty() { None } else { Some(mailboxes) };
+        let Some(record) = self.lease_first(filter, lease, true)? else { return Ok(None) };
+        self.commit_soon();
+        record.load(&self.0.raw).map(Some)
+    }
+
+    /// Waits until jobs may have become ready (stored, released, retried, due) or `timeout`
+    /// passes. Create the `Notified` future before checking for work to avoid a lost wake-up.
+    pub fn ready_signal(&self) -> &tokio::sync::Notify {
+        &self.0.ready
+    }
+
+    /// Leased (or ready) -> done.
+    pub async fn ack(&self, id: &str) -> Result<Job, SpoolError> {
+        self.change(id, Change::Ack, true).await
+    }
+
+    /// Push workers: leased -> done, committed soon (not waited for).
+    pub async fn ack_soon(&self, id: &str) -> Result<Job, SpoolError> {
+        self.change(id, Change::Ack, false).await
+    }
+
+    /// Leased -> ready.
+    pub async fn nack(&self, id: &str) -> Result<Job, SpoolError> {
+        self.change(id, Change::Nack, true).await
+    }
+
+    /// Dead -> ready; the attempt count starts again.
+    pub async fn retry(&self, id: &str) -> Result<Job, SpoolError> {
+        self.change(id, Change::Retry, true).await
+    }
+
+    /// Every dead job (of `mailbox`) -> ready; returns how many.
+    pub async fn retry_all(&self, mailbox: Option<&str>) -> Result<usize, SpoolError> {
+        self.check_open()?;
+        let mut n = 0;
+        for item in self.0.state.scan_prefix([JobState::Dead.tag()]) {
+            let (key, job_mailbox) = item?;
+            if mailbox.is_some_and(|m| m.as_bytes() != job_mailbox.as_ref()) {
+                continue;
+            }
+            let id = key.get(1..).and_then(be_u64).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
+            match self.transition(id, &Change::Retry) {
+                Ok(_) => n += 1,
+                Err(SpoolError::WrongState { .. } | SpoolError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.commit().await?;
+        Ok(n)
+    }
+
+    /// Leased -> ready (`dead` false) or dead, recording `error` as `last_error`.
+    pub async fn fail(&self, id: &str, error: &str, dead: bool) -> Result<Job, SpoolError> {
+        let next = if dead { AfterFailure::Dead } else { AfterFailure::Ready };
+        self.fail_to(id, error, next, true).await
+    }
+
+    /// Leased -> `next`, recording `error` as `last_error`; `durable`: wait for the commit.
+    pub async fn fail_to(&self, id: &str, error: &str, next: AfterFailure, durable: bool) -> Result<Job, SpoolError> {
+        let mut error = error.to_string();
+        if error.len() > MAX_ERROR_LEN {
+            let mut cut = MAX_ERROR_LEN;
+            while !error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            error.truncate(cut);
+        }
+        self.change(id, Change::Fail { error, next }, durable).await
+    }
+
+    /// At start-up: push leases of an earlier process -> ready (that process is gone: the
+    /// spool is locked by this one). Returns how many.
+    pub async fn release_push_leases(&self) -> Result<usize, SpoolError> {
+        self.check_open()?;
+        let mut ids = Vec::new();
+        for key in self.0.state.scan_prefix([JobState::Leased.tag()]).keys() {
+            let key = key?;
+            ids.push(key.get(1..).and_then(be_u64).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?);
+        }
+        let mut n = 0;
+        for id in ids {
+            match self.transition(id, &Change::Release) {
+                Ok(_) => n += 1,
+                Err(SpoolError::WrongState { .. } | SpoolError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n > 0 {
+            self.commit().await?;
+        }
+        Ok(n)
+    }
+}
