@@ -99,8 +99,17 @@ enum QueueCommand {
     Ack { id: String },
     /// Put a leased job back to ready.
     Nack { id: String },
-    /// Put a dead job back to ready.
-    Retry { id: String },
+    /// Put a dead job back to ready (its attempts start again); `--all`: every dead job.
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead job (of `--mailbox`); prints {"retried": N}.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only dead jobs of this mailbox.
+        #[arg(long, value_name = "NAME", requires = "all")]
+        mailbox: Option<String>,
+    },
     /// Job counts per state.
     Stats {
         #[arg(long)]
@@ -174,7 +183,8 @@ async fn queue(config: &Config, command: QueueCommand) -> Result<ExitCode> {
         QueueCommand::Pop { lease, mailbox } => cli::queue::pop(&backend, mailbox.as_deref(), lease).await,
         QueueCommand::Ack { id } => cli::queue::transition(&backend, &id, "ack").await,
         QueueCommand::Nack { id } => cli::queue::transition(&backend, &id, "nack").await,
-        QueueCommand::Retry { id } => cli::queue::transition(&backend, &id, "retry").await,
+        QueueCommand::Retry { id: Some(id), .. } => cli::queue::transition(&backend, &id, "retry").await,
+        QueueCommand::Retry { id: None, mailbox, .. } => cli::queue::retry_all(&backend, mailbox.as_deref()).await,
         QueueCommand::Stats { json } => cli::queue::stats(&backend, json).await,
     };
     let closed = backend.close().await;

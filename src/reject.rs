@@ -26,6 +26,28 @@ pub enum Action {
     Discard,
 }
 
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+        }
+    }
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Reject => "reject",
+            Action::Tempfail => "tempfail",
+            Action::Discard => "discard",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RejectEntry {
     #[serde(with = "time::serde::rfc3339")]
@@ -82,5 +104,11 @@ mod tests {
         assert_eq!(back, e);
         assert!(line.contains("\"reason\":\"unknown_key\""));
         assert!(line.contains("\"stage\":\"rcpt\""));
+        for st in [Stage::Connect, Stage::Helo, Stage::Mail, Stage::Rcpt, Stage::Data] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+        for a in [Action::Reject, Action::Tempfail, Action::Discard] {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
     }
 }

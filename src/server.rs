@@ -27,6 +27,8 @@ pub enum ServerError {
     Bind { address: String, source: std::io::Error },
     #[error("sender authentication: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    #[error("delivery: {0}")]
+    Delivery(#[from] crate::delivery::DeliveryError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -46,6 +48,14 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     let spool = Spool::open(&config.spool.dir, SpoolOptions::from(&config.spool))
         .map_err(|source| ServerError::Spool { dir: config.spool.dir.display().to_string(), source })?;
     let token = config.http.token()?;
+    let deliverers = crate::delivery::build(&config)?;
+    let released = spool
+        .release_push_leases()
+        .await
+        .map_err(|source| ServerError::Spool { dir: config.spool.dir.display().to_string(), source })?;
+    if released > 0 {
+        tracing::info!(jobs = released, "jobs in delivery when the last process stopped are ready again");
+    }
 
     // Bind everything before serving anything: a port in use is a clear startup error.
     let mut listeners = Vec::new();
@@ -128,10 +138,11 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
             }
         })
     });
-    if !config.deliver.is_empty() {
-        tracing::warn!(
-            "[[deliver]] is configured, but push delivery is not implemented in this version: jobs wait in the queue for the pull API and the CLI"
-        );
+    let workers = crate::delivery::spawn(&deliverers, &spool, &shutdown_rx);
+    for m in &config.mailbox {
+        if !deliverers.iter().any(|d| d.mailboxes.is_empty() || d.mailboxes.contains(&m.name)) {
+            tracing::info!(mailbox = %m.name, "no [[deliver]] entry for this mailbox: its jobs wait for the pull API");
+        }
     }
     tracing::info!(hostname = %config.server.hostname, spool = %config.spool.dir.display(), "mailgate ready");
 
@@ -145,6 +156,14 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     if left > 0 {
         tracing::warn!(sessions = left, "sessions still open after the shutdown grace period; closing them");
     }
+    // Workers take no new job once told to stop; an attempt in flight may finish within the
+    // grace period. One cut off leaves a push lease that the next start releases.
+    let stop_workers = futures_join_all(workers);
+    if tokio::time::timeout(config.server.shutdown_grace, stop_workers).await.is_err() {
+        tracing::warn!(
+            "deliveries still in flight after the shutdown grace period; they are retried at the next start"
+        );
+    }
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
@@ -154,6 +173,13 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!("mailgate stopped");
     Ok(())
+}
+
+/// Waits for every task in turn.
+async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
 }
 
 async fn wait_for_signal() -> Result<(), ServerError> {

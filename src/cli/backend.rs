@@ -123,6 +123,18 @@ impl Backend {
         }
     }
 
+    /// Every dead job (of `mailbox`) -> ready; how many.
+    pub async fn retry_all(&self, mailbox: Option<&str>) -> Result<u64> {
+        match self {
+            Backend::Http(api) => {
+                let query: Vec<(&str, String)> = mailbox.map(|m| ("mailbox", m.to_string())).into_iter().collect();
+                let v: serde_json::Value = api.json(Method::POST, "/v1/jobs/retry", &query).await?;
+                v.get("retried").and_then(serde_json::Value::as_u64).context("the HTTP API's answer has no count")
+            }
+            Backend::Local(spool) => Ok(spool.retry_all(mailbox).await.map_err(spool_error)? as u64),
+        }
+    }
+
     pub async fn stats(&self) -> Result<serde_json::Value> {
         match self {
             Backend::Http(api) => api.json(Method::GET, "/v1/stats", &[]).await,

@@ -77,6 +77,13 @@ pub async fn transition(backend: &Backend, id: &str, verb: &str) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// `retry --all`: every dead job (of `mailbox`) back to ready.
+pub async fn retry_all(backend: &Backend, mailbox: Option<&str>) -> Result<ExitCode> {
+    let retried = backend.retry_all(mailbox).await?;
+    writeln!(std::io::stdout().lock(), "{}", serde_json::json!({ "retried": retried }))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn stats(backend: &Backend, json: bool) -> Result<ExitCode> {
     let stats = backend.stats().await?;
     let mut out = std::io::stdout().lock();
@@ -92,7 +99,7 @@ pub async fn stats(backend: &Backend, json: bool) -> Result<ExitCode> {
 
 /// `name: value` lines, the job states first, then whatever else the spool reports.
 fn stats_lines(stats: &serde_json::Value) -> Vec<String> {
-    const FIRST: [&str; 6] = ["ready", "leased", "done", "dead", "rejects", "oldest_ready"];
+    const FIRST: [&str; 7] = ["ready", "waiting", "leased", "done", "dead", "rejects", "oldest_ready"];
     let Some(map) = stats.as_object() else {
         return vec![stats.to_string()];
     };

@@ -330,34 +330,6 @@ impl HttpConfig {
     }
 }
 
-/// Delivery to the application (push workers): parsed and validated; the workers arrive with the
-/// delivery work (see docs/configuration.md).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeliverConfig {
-    pub kind: String,
-    #[serde(default)]
-    pub mailboxes: Vec<String>,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
-    #[serde(default)]
-    pub concurrency: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    #[serde(default)]
-    pub retry: Vec<String>,
-    #[serde(default)]
-    pub redis_url: Option<String>,
-    #[serde(default)]
-    pub queue: Option<String>,
-    #[serde(default)]
-    pub worker: Option<String>,
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -450,11 +422,8 @@ impl Config {
         }
         let mailbox_auth = self.mailbox.iter().filter_map(|m| Some((m.name.as_str(), m.auth.as_ref()?)));
         out.extend(self.auth.problems(mailbox_auth));
-        for d in &self.deliver {
-            if !["mailroom", "webhook", "sidekiq"].contains(&d.kind.as_str()) {
-                out.push(format!("[[deliver]] kind = {:?}: expected mailroom, webhook or sidekiq", d.kind));
-            }
-        }
+        let mailboxes: Vec<&str> = self.mailbox.iter().map(|m| m.name.as_str()).collect();
+        out.extend(deliver::problems(&self.deliver, &mailboxes));
         if !["text", "json"].contains(&self.server.log_format.as_str()) {
             out.push(format!("[server] log_format = {:?}: expected text or json", self.server.log_format));
         }
@@ -464,9 +433,11 @@ impl Config {
 
 mod auth;
 mod defaults;
+mod deliver;
 #[cfg(test)]
 mod tests;
 
 pub use auth::{AuthConfig, AuthOverride, DkimMode, DmarcMode, MailboxAuthConfig, RouteAuthOverrides, SpfMode};
+pub use deliver::{DEFAULT_RETRY, DeliverConfig, DeliverKind, names as deliver_names};
 
 use defaults::*;

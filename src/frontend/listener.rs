@@ -175,9 +175,7 @@ pub async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
         subject: String::new(),
         listener: listener.to_string(),
     };
-    if let Err(e) = spool.log_reject(&entry) {
-        tracing::error!(error = %e, "could not write the reject log");
-    }
+    crate::frontend::log_reject(spool, &entry);
     let line = format!("421 4.7.0 {text}\r\n");
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
     let _ = stream.shutdown().await;

@@ -154,10 +154,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             _ => None,
         };
         let (action, entry) = decide(&gate, &attrs, spf.as_ref());
-        if let Some(entry) = entry
-            && let Err(e) = spool.log_reject(&entry)
-        {
-            tracing::error!(error = %e, "could not write the reject log");
+        if let Some(entry) = entry {
+            crate::frontend::log_reject(&spool, &entry);
         }
         attrs.clear();
         size = 0;

@@ -10,6 +10,8 @@
 //! | GET | `/v1/jobs/{id}/raw` | the message, `message/rfc822` |
 //! | GET, POST | `/v1/jobs/next?mailbox=&lease=SECONDS` | 200 leased job, 204 when empty |
 //! | POST | `/v1/jobs/{id}/ack`, `/nack`, `/retry` | 200 job, 404, 409 wrong state |
+//! | POST | `/v1/jobs/retry?mailbox=` | every dead job (of the mailbox) -> ready: `{"retried": N}` |
+//! | GET | `/metrics` | Prometheus (OpenMetrics text) |
 //! | GET | `/v1/rejects?since=&reason=&after=&limit=` | array of reject records |
 
 mod auth;
@@ -77,6 +79,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}/ack", post(ack_job))
         .route("/v1/jobs/{id}/nack", post(nack_job))
         .route("/v1/jobs/{id}/retry", post(retry_job))
+        .route("/v1/jobs/retry", post(retry_all))
+        .route("/metrics", get(metrics))
         .route("/v1/rejects", get(rejects))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
     Router::new()
@@ -259,6 +263,41 @@ async fn nack_job(State(state): State<Arc<HttpState>>, Path(id): Path<String>) -
 
 async fn retry_job(State(state): State<Arc<HttpState>>, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(Json(state.spool.retry(&id).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct RetryParams {
+    mailbox: Option<String>,
+}
+
+async fn retry_all(
+    State(state): State<Arc<HttpState>>,
+    params: Result<Query<RetryParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(params) = params?;
+    let retried = state.spool.retry_all(non_empty(&params.mailbox)).await?;
+    Ok(Json(json!({ "retried": retried })).into_response())
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> ApiResult<Response> {
+    let snapshot = blocking(&state.spool, |s| {
+        let stats = s.stats()?;
+        let mut depth = Vec::new();
+        for (mailbox, d) in s.depth() {
+            for (name, n) in
+                [("ready", d.ready), ("waiting", d.waiting), ("leased", d.leased), ("done", d.done), ("dead", d.dead)]
+            {
+                depth.push((mailbox.clone(), name.to_string(), n));
+            }
+        }
+        depth.sort();
+        let oldest_ready_age_seconds =
+            stats.oldest_ready.map(|t| (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0));
+        Ok(crate::metrics::QueueSnapshot { depth, oldest_ready_age_seconds, rejects_stored: stats.rejects })
+    })
+    .await?;
+    let body = crate::metrics::global().render(&snapshot);
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,17 +23,17 @@ mod keys;
 mod raw;
 mod records;
 mod rejects;
-mod timers;
-mod transitions;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_delivery;
 #[cfg(test)]
 mod tests_queue;
+mod timers;
+mod transitions;
 
-use std::path::{Path, PathBuf};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

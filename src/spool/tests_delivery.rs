@@ -64,10 +64,8 @@ async fn push_leases_are_released_on_the_next_start_pull_leases_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let (push, pull) = {
         let spool = open(dir.path(), Duration::from_secs(3600));
-        let out = spool
-            .store(b"m", vec![new_job("incoming", "a", vec![]), new_job("incoming", "b", vec![])])
-            .await
-            .unwrap();
+        let out =
+            spool.store(b"m", vec![new_job("incoming", "a", vec![]), new_job("incoming", "b", vec![])]).await.unwrap();
         let lease = Duration::from_secs(600);
         let push = spool.lease_for_push(&["incoming"], lease).unwrap().unwrap().id;
         let pull = spool.lease_next(None, lease).await.unwrap().unwrap().id;

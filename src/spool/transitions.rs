@@ -31,13 +31,21 @@ pub enum AfterFailure {
 
 /// A state change.
 pub(super) enum Change {
-    Lease { until: OffsetDateTime, push: bool },
+    Lease {
+        until: OffsetDateTime,
+        push: bool,
+    },
     Ack,
     Nack,
     Retry,
-    Fail { error: String, next: AfterFailure },
+    Fail {
+        error: String,
+        next: AfterFailure,
+    },
     /// A timer at `ms` fired: the lease that ends then, or the wait that ends then, is over.
-    Timer { ms: u64 },
+    Timer {
+        ms: u64,
+    },
     /// A push worker's lease left behind by an earlier process.
     Release,
 }
@@ -71,7 +79,11 @@ impl Change {
     fn frees(&self) -> bool {
         matches!(
             self,
-            Change::Nack | Change::Retry | Change::Timer { .. } | Change::Release | Change::Fail { next: AfterFailure::Ready, .. }
+            Change::Nack
+                | Change::Retry
+                | Change::Timer { .. }
+                | Change::Release
+                | Change::Fail { next: AfterFailure::Ready, .. }
         )
     }
 }

@@ -125,6 +125,18 @@ where
     };
     let _ = stream.shutdown().await;
     let stats = session.stats();
+    let outcome = if stats.jobs > 0 {
+        "accepted"
+    } else if stats.refusals > 0 {
+        "refused"
+    } else {
+        match cause {
+            CloseCause::Server(why) => why,
+            CloseCause::PeerClosed => "closed",
+            CloseCause::Error => "error",
+        }
+    };
+    crate::metrics::global().session(ctx.session.listener, outcome);
     tracing::info!(
         target: "mailgate::session",
         listener = ctx.session.listener,
@@ -142,7 +154,17 @@ where
 }
 
 async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreRequest, out: &mut Vec<u8>) {
+    let mailboxes: Vec<String> = req.jobs.iter().map(|j| j.job.mailbox.clone()).collect();
     let result = ctx.spool.store(&req.raw, req.jobs).await.map_err(|e| e.to_string());
+    if let Ok(outcomes) = &result {
+        let metrics = crate::metrics::global();
+        for (outcome, mailbox) in outcomes.iter().zip(&mailboxes) {
+            match outcome {
+                crate::spool::StoreOutcome::Stored { .. } => metrics.accepted(ctx.session.listener, mailbox),
+                crate::spool::StoreOutcome::Duplicate { .. } => metrics.duplicate(mailbox),
+            }
+        }
+    }
     session.stored(result, out);
     flush_rejects(session, &ctx.spool);
 }
@@ -167,8 +189,6 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, limit: 
 
 fn flush_rejects(session: &mut Session, spool: &Spool) {
     for entry in session.take_rejects() {
-        if let Err(e) = spool.log_reject(&entry) {
-            tracing::error!(error = %e, reject = %entry.to_json_line(), "could not write the reject log");
-        }
+        crate::frontend::log_reject(spool, &entry);
     }
 }
