@@ -57,6 +57,7 @@ pub async fn run(path: Option<&Path>) -> Result<ExitCode> {
             f.ok(format!("a mailgate server is running: its HTTP API answers at {}", api_url(&config)));
         }
         spool_check(&config.spool.dir, &mut f);
+        delivery::reachability(&config, &mut f).await;
         bind_checks(&config, running, &mut f);
     }
     for (level, message) in &f.0 {
@@ -153,7 +154,7 @@ pub fn config_checks(config: &Config, f: &mut Findings) {
     }
     token_checks(config, f);
     auth_checks(config, f);
-    not_implemented_checks(config, f);
+    delivery::config_checks(config, f);
 }
 
 /// `example.com` is a main domain; `incoming.example.com` and `localhost` are fine.
@@ -200,18 +201,6 @@ fn auth_checks(config: &Config, f: &mut Findings) {
     ));
     if let Err(e) = mailgate::auth::Authenticator::new(a) {
         f.error(format!("sender authentication cannot start its resolver: {e}"));
-    }
-}
-
-/// Settings that are parsed but that this version does not act on.
-fn not_implemented_checks(config: &Config, f: &mut Findings) {
-    for d in &config.deliver {
-        f.warning(format!(
-            "push delivery is not implemented yet: [[deliver]] kind = {:?}{} is not acted on; jobs wait in the \
-             queue until the application pulls them (POST /v1/jobs/next or mailgate queue pop)",
-            d.kind,
-            d.url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default()
-        ));
     }
 }
 
@@ -312,5 +301,6 @@ fn unix_check(what: &str, path: &Path, running: bool, f: &mut Findings) {
     }
 }
 
+mod delivery;
 #[cfg(test)]
 mod tests;

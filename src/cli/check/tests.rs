@@ -79,7 +79,7 @@ address = "x+%{key}@in.example.com"
 }
 
 #[test]
-fn unimplemented_settings_are_warnings() {
+fn delivery_problems_are_reported() {
     let c = config(
         r#"
 [auth]
@@ -88,13 +88,18 @@ dmarc = "off"
 [[deliver]]
 kind = "webhook"
 url = "http://app.example/hook"
+secret_file = "/nonexistent/mailgate-hook-key"
 "#,
     );
     let mut f = Findings::default();
     config_checks(&c, &mut f);
     let warnings = messages(&f, Level::Warning);
     assert!(!warnings.iter().any(|w| w.contains("sender authentication")), "{warnings:?}");
-    assert!(warnings.iter().any(|w| w.contains("push delivery is not implemented") && w.contains("webhook")));
+    let errors = messages(&f, Level::Error);
+    assert!(
+        errors.iter().any(|e| e.contains("delivery cannot start") && e.contains("mailgate-hook-key")),
+        "{errors:?}"
+    );
 }
 
 #[test]
