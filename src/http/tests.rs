@@ -289,3 +289,51 @@ async fn rejects_page_with_cursors_and_filter() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn bulk_retry_and_metrics() {
+    let s = TestServer::start(None).await;
+    let a = store(&s.spool, "incoming", b"a").await;
+    let b = store(&s.spool, "service_desk", b"b").await;
+    for _ in 0..2 {
+        let job = s.spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
+        s.spool.fail_to(&job.id, "HTTP 400", crate::spool::AfterFailure::Dead, true).await.unwrap();
+    }
+    let (status, v) = s.post("/v1/jobs/retry?mailbox=service_desk").await;
+    assert_eq!((status, v["retried"].as_u64()), (StatusCode::OK, Some(1)));
+    let (_, v) = s.get(&format!("/v1/jobs/{b}")).await;
+    assert_eq!((v["state"].as_str(), v["attempts"].as_u64()), (Some("ready"), Some(0)));
+    let (_, v) = s.get(&format!("/v1/jobs/{a}")).await;
+    assert_eq!(v["state"], "dead");
+    assert_eq!(v["last_error"], "HTTP 400");
+    let (status, v) = s.post("/v1/jobs/retry").await;
+    assert_eq!((status, v["retried"].as_u64()), (StatusCode::OK, Some(1)));
+
+    let r = reqwest::get(s.url("/metrics")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()[header::CONTENT_TYPE].to_str().unwrap().contains("openmetrics"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains(r#"mailgate_queue_jobs{mailbox="incoming",state="ready"} 1"#), "{text}");
+    assert!(text.contains(r#"mailgate_queue_jobs{mailbox="service_desk",state="ready"} 1"#), "{text}");
+    assert!(text.contains(r#"mailgate_queue_jobs{mailbox="incoming",state="dead"} 0"#), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_need_the_token_from_remote_clients() {
+    // The same router behind the bearer middleware as every /v1 path: checked through a
+    // router without peer info (every client is remote).
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    let app = router(HttpState { spool: spool.clone(), token: Some("t0ken".into()) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = reqwest::Client::new().get(format!("http://{addr}/metrics")).bearer_auth("t0ken").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    task.abort();
+    spool.close().await.unwrap();
+}
