@@ -10,12 +10,16 @@ pub enum Failure {
     Retry(String),
     /// The receiver refused the job for good: it goes to `dead` at once.
     Final(String),
+    /// Retried like [`Failure::Retry`], but mailgate's or the receiver's configuration is
+    /// wrong (a secret GitLab does not accept): logged as an error, because waiting alone
+    /// will not fix it.
+    Misconfigured(String),
 }
 
 impl Failure {
     pub fn message(&self) -> &str {
         match self {
-            Failure::Retry(m) | Failure::Final(m) => m,
+            Failure::Retry(m) | Failure::Final(m) | Failure::Misconfigured(m) => m,
         }
     }
 }
@@ -31,7 +35,7 @@ pub fn http_status(kind: DeliverKind, status: u16, detail: &str) -> Result<(), F
         // GitLab answers 400 when it will not take the message (too large, say) and mails the
         // sender itself: trying again cannot help.
         (DeliverKind::Mailroom, 400) => Err(Failure::Final(format!("HTTP 400, GitLab refused the message{detail}"))),
-        (DeliverKind::Mailroom, 401) => Err(Failure::Retry(format!(
+        (DeliverKind::Mailroom, 401) => Err(Failure::Misconfigured(format!(
             "HTTP 401: GitLab does not accept the secret, or the mailbox is disabled in GitLab{detail}"
         ))),
         (DeliverKind::Webhook, 408 | 429) => Err(Failure::Retry(format!("HTTP {status}{detail}"))),
@@ -49,9 +53,10 @@ mod tests {
         let m = |s| http_status(DeliverKind::Mailroom, s, "");
         assert_eq!(m(200), Ok(()));
         assert!(matches!(m(400), Err(Failure::Final(_))));
-        for s in [401, 403, 404, 413, 422, 429, 500, 502, 503, 301] {
+        for s in [403, 404, 413, 422, 429, 500, 502, 503, 301] {
             assert!(matches!(m(s), Err(Failure::Retry(_))), "{s}");
         }
+        assert!(matches!(m(401), Err(Failure::Misconfigured(_))));
         assert!(m(401).unwrap_err().message().contains("secret"));
     }
 

@@ -107,17 +107,27 @@ async fn attempt(d: &Deliverer, spool: &Spool, job: Job) {
             let error = failure.message();
             let wait = match failure {
                 Failure::Final(_) => None,
-                Failure::Retry(_) => d.schedule.wait_after(job.attempts, rand::random::<f64>()),
+                Failure::Retry(_) | Failure::Misconfigured(_) => {
+                    d.schedule.wait_after(job.attempts, rand::random::<f64>())
+                }
             };
             let next = match wait {
                 Some(wait) => {
                     let at = OffsetDateTime::now_utc() + wait;
                     metrics.delivery_attempt(&d.name, kind, "retry", took);
-                    tracing::warn!(
-                        target: "mailgate::delivery",
-                        deliverer = %d.name, kind, job = %job.id, mailbox = %job.mailbox, attempt = job.attempts,
-                        error, next_attempt_at = %at, "delivery failed; will retry"
-                    );
+                    if matches!(failure, Failure::Misconfigured(_)) {
+                        tracing::error!(
+                            target: "mailgate::delivery",
+                            deliverer = %d.name, kind, job = %job.id, mailbox = %job.mailbox, attempt = job.attempts,
+                            error, next_attempt_at = %at, "delivery refused: check the configuration; will retry"
+                        );
+                    } else {
+                        tracing::warn!(
+                            target: "mailgate::delivery",
+                            deliverer = %d.name, kind, job = %job.id, mailbox = %job.mailbox, attempt = job.attempts,
+                            error, next_attempt_at = %at, "delivery failed; will retry"
+                        );
+                    }
                     AfterFailure::RetryAt(at)
                 }
                 None => {
