@@ -5,6 +5,8 @@
 pub mod dns;
 pub mod fixtures;
 pub mod postfix;
+pub mod receiver;
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -31,8 +33,10 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// Ports below the kernel's ephemeral range (see [`receiver::quiet_port`]): an outgoing
+    /// connection of another test can never take one between the pick and the bind.
     pub fn new() -> Ports {
-        Ports { smtp: free_port(), lmtp: free_port(), policy: free_port(), http: free_port() }
+        receiver::quiet_ports()
     }
 }
 
