@@ -3,13 +3,17 @@
 # As root it installs what is missing with apt-get and says so; otherwise it stops with the
 # exact command to run. It never lets a test be skipped silently.
 #   usage: scripts/ensure-packages.sh COMMAND=PACKAGE ...   e.g. swaks=swaks smtp-source=postfix
+#   (COMMAND may be perl:Module::Name for a Perl module)
 set -euo pipefail
 
 missing_pkgs=()
 for pair in "$@"; do
   cmd=${pair%%=*}
   pkg=${pair#*=}
-  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
+  if [[ $cmd == perl:* ]]; then
+    # a Perl module (swaks needs Net::SSLeay for TLS)
+    perl -M"${cmd#perl:}" -e 1 >/dev/null 2>&1 || missing_pkgs+=("$pkg")
+  elif ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
     missing_pkgs+=("$pkg")
   fi
 done

@@ -130,6 +130,20 @@ pub struct Envelope {
     pub helo: String,
     pub protocol: String,
     pub queue_id: String,
+    /// The TLS of the client's connection to mailgate (STARTTLS or implicit TLS); absent for a
+    /// plaintext connection, and when the transaction came with XFORWARD (the hop from the
+    /// relay is not the original client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+}
+
+/// A TLS connection's negotiated parameters, in rustls's names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInfo {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: String,
+    /// The cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
 }
 
 /// A few facts about the message, read from its headers.

@@ -1,6 +1,6 @@
 //! `mailgate serve`: opens the spool, binds every listener and the HTTP API, runs until
 //! SIGTERM/SIGINT, then stops accepting, lets sessions in flight finish within
-//! `[server] shutdown_grace` and commits the spool.
+//! `[server] shutdown_grace` and commits the spool. SIGHUP reloads TLS certificates.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::config::{Config, ListenConfig, Protocol, ReplyMode};
 use crate::frontend::listener::{self, Bound, ConnLimits};
 use crate::frontend::policy;
 use crate::frontend::smtp::{self, ConnContext, Peer, SessionConfig};
+use crate::frontend::tls::{CertStore, ListenerTls};
 use crate::gate::Gate;
 use crate::http;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -31,11 +32,14 @@ pub enum ServerError {
     Delivery(#[from] crate::delivery::DeliveryError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("listener {address}: TLS: {source}")]
+    Tls { address: String, source: crate::frontend::tls::TlsError },
 }
 
 struct Listener {
     config: ListenConfig,
     bound: Bound,
+    tls: Option<Arc<ListenerTls>>,
 }
 
 pub async fn serve(config: Config) -> Result<(), ServerError> {
@@ -61,10 +65,15 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     let mut listeners = Vec::new();
     for l in &config.listen {
         let addr = l.bind_address()?;
+        // Certificates are read before anything is bound: a bad file is a startup error.
+        let tls =
+            ListenerTls::for_listener(l).map_err(|source| ServerError::Tls { address: l.address.clone(), source })?;
         let bound = listener::bind(&addr, l.socket_mode()?)
             .map_err(|source| ServerError::Bind { address: addr.to_string(), source })?;
-        listeners.push(Listener { config: l.clone(), bound });
+        listeners.push(Listener { config: l.clone(), bound, tls });
     }
+    let cert_stores: Vec<(String, Arc<CertStore>)> =
+        listeners.iter().filter_map(|l| Some((l.config.address.clone(), l.tls.as_ref()?.store.clone()))).collect();
     let http_listener = match config.http.listen_addr()? {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -81,6 +90,11 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     let mut tasks = Vec::new();
     for l in listeners {
         tracing::info!(protocol = l.config.protocol.as_str(), address = %l.config.address, "listening");
+        if let Some(tls) = &l.tls {
+            let kind = if tls.implicit { "implicit" } else { "starttls" };
+            let cert = tls.store.summary();
+            tracing::info!(address = %l.config.address, tls = kind, require_tls = tls.require, %cert, "TLS certificate loaded");
+        }
         let shutdown = shutdown_rx.clone();
         if l.config.protocol == Protocol::Policy {
             let (gate, spool, limits) = (gate.clone(), spool.clone(), policy_limits.clone());
@@ -117,6 +131,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
             data_timeout: config.limits.data_timeout,
             session_timeout: config.limits.session_timeout,
             shutdown: shutdown_rx.clone(),
+            tls: l.tls.clone(),
         });
         let refuse = (spool.clone(), config.server.hostname.clone());
         tasks.push(tokio::spawn(accept_loop(l, limits.clone(), shutdown, refuse, move |stream, peer, slot| {
@@ -146,7 +161,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!(hostname = %config.server.hostname, spool = %config.spool.dir.display(), "mailgate ready");
 
-    wait_for_signal().await?;
+    wait_for_signal(&cert_stores).await?;
     tracing::info!("shutting down: no new connections; sessions in flight may finish");
     let _ = shutdown_tx.send(true);
     for t in tasks {
@@ -182,15 +197,36 @@ async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-async fn wait_for_signal() -> Result<(), ServerError> {
+/// Waits for SIGTERM or SIGINT; on SIGHUP reloads every TLS listener's certificate.
+async fn wait_for_signal(cert_stores: &[(String, Arc<CertStore>)]) -> Result<(), ServerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break tracing::info!("SIGTERM received"),
+            _ = int.recv() => break tracing::info!("SIGINT received"),
+            _ = hup.recv() => reload_certificates(cert_stores),
+        }
     }
     Ok(())
+}
+
+/// New handshakes use the new certificate; one that does not load leaves the old one in use.
+fn reload_certificates(cert_stores: &[(String, Arc<CertStore>)]) {
+    tracing::info!(listeners = cert_stores.len(), "SIGHUP received: reloading TLS certificates");
+    for (address, store) in cert_stores {
+        let cert_file = store.files().cert.display().to_string();
+        match store.reload() {
+            Ok(cert) => tracing::info!(address = %address, file = %cert_file, %cert, "TLS certificate reloaded"),
+            Err(e) => tracing::error!(
+                address = %address,
+                error = %e,
+                "TLS certificate reload failed; the previous certificate stays in use"
+            ),
+        }
+    }
 }
 
 /// A boxed bidirectional stream (TCP or unix).

@@ -243,10 +243,11 @@ fn bind_checks(config: &Config, running: bool, f: &mut Findings) {
     }
     for l in &config.listen {
         if let Some(tls) = &l.tls {
-            for (what, path) in [("certificate", &tls.cert), ("key", &tls.key)] {
-                if let Err(e) = std::fs::File::open(path) {
-                    f.error(format!("listener {}: TLS {what} {}: {e}", l.address, path.display()));
-                }
+            // Read and parsed as `serve` loads them: a missing file, bad PEM, a key that is not
+            // the certificate's.
+            match mailgate::frontend::tls::check_files(tls) {
+                Ok(cert) => f.ok(format!("listener {}: TLS certificate {}: {cert}", l.address, tls.cert.display())),
+                Err(e) => f.error(format!("listener {}: TLS: {e}", l.address)),
             }
         }
     }

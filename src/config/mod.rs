@@ -144,6 +144,32 @@ impl ListenConfig {
             .map_err(|e| ConfigError::Invalid(format!("listener address {:?}: {e}", self.address)))
     }
 
+    /// TLS settings that cannot work. The files themselves are read by `serve` at startup
+    /// (and by `check`), not here: commands that only read the config need not read a key.
+    fn tls_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let at = &self.address;
+        if self.tls.is_some() && self.protocol != Protocol::Smtp {
+            out.push(format!(
+                "listener {at}: tls is for smtp listeners only ({} listeners sit behind Postfix, which does the TLS)",
+                self.protocol.as_str()
+            ));
+        }
+        for (key, set) in [("implicit_tls", self.implicit_tls), ("require_tls", self.require_tls)] {
+            if set && self.tls.is_none() {
+                out.push(format!("listener {at}: {key} needs tls = {{ cert = \"…\", key = \"…\" }}"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if path.as_os_str().is_empty() {
+                    out.push(format!("listener {at}: tls {key} is empty"));
+                }
+            }
+        }
+        out
+    }
+
     pub fn socket_mode(&self) -> Result<u32, ConfigError> {
         match &self.socket_mode {
             None => Ok(0o666),
@@ -388,13 +414,7 @@ impl Config {
             if let Err(e) = l.socket_mode() {
                 out.push(e.to_string());
             }
-            if l.tls.is_some() || l.implicit_tls || l.require_tls {
-                out.push(format!(
-                    "listener {}: tls, implicit_tls and require_tls are not implemented in this version; \
-                     remove them (a listener would otherwise accept plaintext while you expect TLS)",
-                    l.address
-                ));
-            }
+            out.extend(l.tls_problems());
             if l.protocol == Protocol::Policy && l.mode.is_some() {
                 out.push(format!("listener {}: mode applies to smtp and lmtp only", l.address));
             }

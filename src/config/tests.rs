@@ -83,8 +83,30 @@ fn typos_are_errors() {
 }
 
 #[test]
-fn tls_settings_are_refused_until_tls_exists() {
-    let text = "[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:2525\"\nrequire_tls = true\n";
-    let e = Config::from_toml(text, Path::new("t.toml")).unwrap_err();
-    assert!(e.to_string().contains("not implemented"), "{e}");
+fn tls_settings_are_validated() {
+    let listener = |protocol: &str, keys: &str| {
+        format!("[[listen]]\nprotocol = \"{protocol}\"\naddress = \"127.0.0.1:2525\"\n{keys}\n")
+    };
+    let tls = "tls = { cert = \"/etc/mailgate/cert.pem\", key = \"/etc/mailgate/key.pem\" }";
+    // the files are read by serve and check, not when the config is parsed
+    for keys in [
+        tls.to_string(),
+        format!("{tls}\nrequire_tls = true"),
+        format!("{tls}\nimplicit_tls = true\nrequire_tls = true"),
+    ] {
+        let c = Config::from_toml(&listener("smtp", &keys), Path::new("t.toml")).unwrap();
+        assert!(c.listen[0].tls.is_some());
+    }
+    for (protocol, keys, expect) in [
+        ("smtp", "require_tls = true".to_string(), "require_tls needs tls"),
+        ("smtp", "implicit_tls = true".to_string(), "implicit_tls needs tls"),
+        ("lmtp", tls.to_string(), "tls is for smtp listeners only"),
+        ("policy", tls.to_string(), "tls is for smtp listeners only"),
+        ("smtp", "tls = { cert = \"\", key = \"k.pem\" }".to_string(), "tls cert is empty"),
+    ] {
+        let e = Config::from_toml(&listener(protocol, &keys), Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains(expect), "{protocol} {keys}: {e}");
+    }
+    let e = Config::from_toml(&listener("smtp", "tls = { cert = \"c.pem\" }"), Path::new("t.toml")).unwrap_err();
+    assert!(e.to_string().contains("key"), "{e}");
 }

@@ -3,6 +3,7 @@
 pub mod listener;
 pub mod policy;
 pub mod smtp;
+pub mod tls;
 
 use crate::reject::RejectEntry;
 use crate::spool::Spool;

@@ -33,10 +33,12 @@ pub enum Reason {
     TooManyErrors,
     /// The server is shutting down.
     Shutdown,
+    /// A command before STARTTLS on a `require_tls` listener.
+    TlsRequired,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::UnknownAddress,
         Reason::UnknownKey,
         Reason::AutoSubmitted,
@@ -58,6 +60,7 @@ impl Reason {
         Reason::SpoolError,
         Reason::TooManyErrors,
         Reason::Shutdown,
+        Reason::TlsRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Reason {
             Reason::SpoolError => "spool_error",
             Reason::TooManyErrors => "too_many_errors",
             Reason::Shutdown => "shutdown",
+            Reason::TlsRequired => "tls_required",
         }
     }
 }

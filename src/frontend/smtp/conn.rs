@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::session::{Event, Peer, Session, SessionConfig};
+use super::session::{Event, Peer, Session, SessionConfig, TlsPolicy};
 use super::verify::Verify;
 use crate::auth::Authenticator;
+use crate::frontend::tls::{ListenerTls, MaybeTls};
 use crate::gate::Gate;
 use crate::spool::Spool;
 
@@ -24,6 +25,8 @@ pub struct ConnContext {
     pub data_timeout: Duration,
     pub session_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
+    /// The listener's TLS (certificate, implicit or STARTTLS, required or not); None: plaintext.
+    pub tls: Option<Arc<ListenerTls>>,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -50,75 +53,116 @@ impl std::fmt::Display for CloseCause {
 }
 
 /// Runs one SMTP or LMTP session to its end.
-pub async fn run<S>(mut stream: S, peer: Peer, ctx: &ConnContext) -> CloseCause
+pub async fn run<S>(stream: S, peer: Peer, ctx: &ConnContext) -> CloseCause
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let deadline = started + ctx.session_timeout;
+    let mut stream = MaybeTls::Plain(stream);
     let mut session = Session::new(ctx.session.clone(), ctx.gate.clone(), peer.clone());
+    if let Some(tls) = &ctx.tls {
+        session.set_tls_policy(TlsPolicy { starttls: !tls.implicit, require: tls.require });
+    }
     let mut shutdown = ctx.shutdown.clone();
     let mut out = Vec::with_capacity(512);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    session.greeting(&mut out);
-    let cause = loop {
-        let (consumed, event) = session.process(&buf, &mut out);
-        buf.drain(..consumed);
-        flush_rejects(&mut session, &ctx.spool);
-        match event {
-            Event::Store(req) => store(&mut session, ctx, req, &mut out).await,
-            Event::Verify(Verify::Spf { ip, helo, mail_from }) => {
-                let Some(auth) = &ctx.auth else { break CloseCause::Error };
-                let check = auth.spf(ip, &helo, &mail_from, &ctx.session.hostname).await;
-                session.spf_checked(check, &mut out);
-            }
-            Event::Verify(Verify::Message { raw, ip, helo, mail_from, spf }) => {
-                let Some(auth) = &ctx.auth else { break CloseCause::Error };
-                let check = auth.message(&raw, &spf, ip, &helo, &mail_from).await;
-                if let Some(req) = session.message_checked(raw, check, &mut out) {
-                    store(&mut session, ctx, req, &mut out).await;
-                } else {
-                    flush_rejects(&mut session, &ctx.spool);
+    let cause = 'session: {
+        // Implicit TLS: the handshake comes before the greeting.
+        if let Some(tls) = ctx.tls.as_ref().filter(|t| t.implicit) {
+            match stream.upgrade(tls.acceptor(), write_limit(ctx, deadline)).await {
+                Ok(info) => session.tls_started(info),
+                Err(e) => {
+                    handshake_failed(ctx, &peer, &e);
+                    break 'session CloseCause::Server("tls_failed");
                 }
             }
-            Event::Close => {
-                let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
-                break CloseCause::Server(session.close_cause().unwrap_or("closed"));
-            }
-            Event::NeedInput => {
-                if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
-                    break CloseCause::Error;
+        }
+        session.greeting(&mut out);
+        loop {
+            let (consumed, event) = session.process(&buf, &mut out);
+            buf.drain(..consumed);
+            flush_rejects(&mut session, &ctx.spool);
+            match event {
+                Event::Store(req) => store(&mut session, ctx, req, &mut out).await,
+                Event::Verify(Verify::Spf { ip, helo, mail_from }) => {
+                    let Some(auth) = &ctx.auth else { break CloseCause::Error };
+                    let check = auth.spf(ip, &helo, &mail_from, &ctx.session.hostname).await;
+                    session.spf_checked(check, &mut out);
                 }
-                if *shutdown.borrow() && !session.in_data() {
-                    session.shutdown(&mut out);
-                    flush_rejects(&mut session, &ctx.spool);
-                    let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
-                    break CloseCause::Server("shutdown");
+                Event::Verify(Verify::Message { raw, ip, helo, mail_from, spf }) => {
+                    let Some(auth) = &ctx.auth else { break CloseCause::Error };
+                    let check = auth.message(&raw, &spf, ip, &helo, &mail_from).await;
+                    if let Some(req) = session.message_checked(raw, check, &mut out) {
+                        store(&mut session, ctx, req, &mut out).await;
+                    } else {
+                        flush_rejects(&mut session, &ctx.spool);
+                    }
                 }
-                // The session deadline holds even for a client that always has data ready
-                // (a read that never blocks would never see its timer fire).
-                if Instant::now() >= deadline {
-                    session.timeout(&mut out);
-                    flush_rejects(&mut session, &ctx.spool);
-                    let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
-                    break CloseCause::Server("timeout");
-                }
-                let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
-                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-                buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()));
-                tokio::select! {
-                    r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
-                        Ok(Ok(0)) => break CloseCause::PeerClosed,
-                        Ok(Ok(_)) => {}
-                        Ok(Err(_)) => break CloseCause::Error,
-                        Err(_) => {
-                            session.timeout(&mut out);
-                            flush_rejects(&mut session, &ctx.spool);
-                            let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
-                            break CloseCause::Server("timeout");
+                Event::StartTls { discarded } => {
+                    if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
+                        break CloseCause::Error;
+                    }
+                    // STARTTLS command injection: nothing read before the handshake is a command.
+                    let discarded = discarded + buf.len();
+                    buf.clear();
+                    if discarded > 0 {
+                        tracing::warn!(
+                            listener = ctx.session.listener,
+                            peer_ip = %peer_ip(&peer),
+                            bytes = discarded,
+                            "input pipelined after STARTTLS thrown away"
+                        );
+                    }
+                    let Some(tls) = &ctx.tls else { break CloseCause::Error };
+                    // The handshake counts against the command timeout.
+                    match stream.upgrade(tls.acceptor(), write_limit(ctx, deadline)).await {
+                        Ok(info) => session.tls_started(info),
+                        Err(e) => {
+                            handshake_failed(ctx, &peer, &e);
+                            break CloseCause::Server("tls_failed");
                         }
-                    },
-                    _ = shutdown.changed(), if !session.in_data() => {}
+                    }
+                }
+                Event::Close => {
+                    let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
+                    break CloseCause::Server(session.close_cause().unwrap_or("closed"));
+                }
+                Event::NeedInput => {
+                    if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
+                        break CloseCause::Error;
+                    }
+                    if *shutdown.borrow() && !session.in_data() {
+                        session.shutdown(&mut out);
+                        flush_rejects(&mut session, &ctx.spool);
+                        let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
+                        break CloseCause::Server("shutdown");
+                    }
+                    // The session deadline holds even for a client that always has data ready
+                    // (a read that never blocks would never see its timer fire).
+                    if Instant::now() >= deadline {
+                        session.timeout(&mut out);
+                        flush_rejects(&mut session, &ctx.spool);
+                        let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
+                        break CloseCause::Server("timeout");
+                    }
+                    let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
+                    let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+                    buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()));
+                    tokio::select! {
+                        r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
+                            Ok(Ok(0)) => break CloseCause::PeerClosed,
+                            Ok(Ok(_)) => {}
+                            Ok(Err(_)) => break CloseCause::Error,
+                            Err(_) => {
+                                session.timeout(&mut out);
+                                flush_rejects(&mut session, &ctx.spool);
+                                let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
+                                break CloseCause::Server("timeout");
+                            }
+                        },
+                        _ = shutdown.changed(), if !session.in_data() => {}
+                    }
                 }
             }
         }
@@ -140,8 +184,10 @@ where
     tracing::info!(
         target: "mailgate::session",
         listener = ctx.session.listener,
-        peer_ip = %peer.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "unix".into()),
+        peer_ip = %peer_ip(&peer),
         helo = %session.helo(),
+        tls_version = %session.tls().map(|t| t.version.as_str()).unwrap_or(""),
+        tls_cipher = %session.tls().map(|t| t.cipher.as_str()).unwrap_or(""),
         messages = stats.messages,
         jobs = stats.jobs,
         duplicates = stats.duplicates,
@@ -151,6 +197,21 @@ where
         "session closed"
     );
     cause
+}
+
+fn peer_ip(peer: &Peer) -> String {
+    peer.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "unix".into())
+}
+
+/// A failed handshake ends the connection; the client hears nothing more (there is no
+/// channel left to speak SMTP on).
+fn handshake_failed(ctx: &ConnContext, peer: &Peer, e: &std::io::Error) {
+    tracing::warn!(
+        listener = ctx.session.listener,
+        peer_ip = %peer_ip(peer),
+        error = %e,
+        "TLS handshake failed; connection closed"
+    );
 }
 
 async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreRequest, out: &mut Vec<u8>) {
@@ -190,5 +251,154 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, limit: 
 fn flush_rejects(session: &mut Session, spool: &Spool) {
     for entry in session.take_rejects() {
         crate::frontend::log_reject(spool, &entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::config::{MailboxConfig, PolicyConfig, RouteSet};
+    use crate::frontend::tls::{CertStore, test_connector, write_test_pair};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+        ctx: Arc<ConnContext>,
+        cert: rustls_pki_types::CertificateDer<'static>,
+    }
+
+    fn fixture(implicit: bool, require: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, cert) = write_test_pair(dir.path(), "mx");
+        let store = Arc::new(CertStore::load(&files).unwrap());
+        let mb = MailboxConfig {
+            name: "incoming".into(),
+            address: "incoming+%{key}@localhost".into(),
+            reply_host: None,
+            routes: RouteSet::Gitlab,
+            auth: None,
+        };
+        let (stop, shutdown) = watch::channel(false);
+        let ctx = ConnContext {
+            spool: Spool::open(&dir.path().join("spool"), Default::default()).unwrap(),
+            auth: None,
+            gate: Arc::new(Gate::new(&[mb], &PolicyConfig::default()).unwrap()),
+            session: Arc::new(SessionConfig {
+                hostname: "mx.test".into(),
+                lmtp: false,
+                after_queue: false,
+                listener: "smtp",
+                max_message_size: 10_000,
+                max_recipients: 10,
+                max_errors: 10,
+                max_line_length: 1000,
+                verify: false,
+                verify_spf: false,
+            }),
+            command_timeout: Duration::from_secs(10),
+            data_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(30),
+            shutdown,
+            tls: Some(Arc::new(ListenerTls::new(store, implicit, require))),
+        };
+        Fixture { _dir: dir, _stop: stop, ctx: Arc::new(ctx), cert }
+    }
+
+    fn peer() -> Peer {
+        Peer { ip: Some("192.0.2.1".parse().unwrap()), trusted: false }
+    }
+
+    /// One whole (multi-line) reply.
+    async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap() == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_driver_drops_what_was_pipelined_after_starttls() {
+        let f = fixture(false, false);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let mut client = BufReader::new(client);
+        assert!(reply(&mut client).await.starts_with("220 mx.test ESMTP"));
+        // one write: the injected commands arrive with STARTTLS in the same read
+        client
+            .get_mut()
+            .write_all(b"EHLO c.example\r\nSTARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRSET\r\n")
+            .await
+            .unwrap();
+        assert!(reply(&mut client).await.contains("250 STARTTLS\r\n"));
+        assert_eq!(reply(&mut client).await, "220 2.0.0 Ready to start TLS\r\n");
+        let tls = test_connector(f.cert.clone())
+            .connect("mx.test".try_into().unwrap(), client.into_inner())
+            .await
+            .expect("handshake");
+        let mut tls = BufReader::new(tls);
+        // the first reply over TLS answers the first command sent over TLS
+        tls.get_mut().write_all(b"NOOP\r\n").await.unwrap();
+        assert_eq!(reply(&mut tls).await, "250 2.0.0 Ok\r\n");
+        tls.get_mut().write_all(b"MAIL FROM:<a@example.org>\r\n").await.unwrap();
+        assert_eq!(reply(&mut tls).await, "503 5.5.1 Error: send HELO/EHLO first\r\n", "EHLO was forgotten");
+        tls.get_mut().write_all(b"EHLO c.example\r\nQUIT\r\n").await.unwrap();
+        let ehlo = reply(&mut tls).await;
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+        assert_eq!(reply(&mut tls).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(task.await.unwrap(), CloseCause::Server("quit"));
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_handshakes_before_the_greeting_and_a_failed_handshake_closes() {
+        let f = fixture(true, false);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let tls = test_connector(f.cert.clone()).connect("mx.test".try_into().unwrap(), client).await.unwrap();
+        let mut tls = BufReader::new(tls);
+        assert!(reply(&mut tls).await.starts_with("220 mx.test ESMTP"));
+        tls.get_mut().write_all(b"EHLO c.example\r\nQUIT\r\n").await.unwrap();
+        assert!(!reply(&mut tls).await.contains("STARTTLS"));
+        assert_eq!(reply(&mut tls).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(task.await.unwrap(), CloseCause::Server("quit"));
+
+        // a plaintext client on an implicit-TLS listener: no greeting, closed
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let mut client = BufReader::new(client);
+        client.get_mut().write_all(b"EHLO c.example\r\n").await.unwrap();
+        assert_eq!(task.await.unwrap(), CloseCause::Server("tls_failed"));
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest).await;
+        assert!(!String::from_utf8_lossy(&rest).contains("220"), "no SMTP greeting in plaintext");
+    }
+
+    #[tokio::test]
+    async fn a_failed_starttls_handshake_closes_the_connection() {
+        let f = fixture(false, true);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let mut client = BufReader::new(client);
+        reply(&mut client).await;
+        client.get_mut().write_all(b"EHLO c.example\r\n").await.unwrap();
+        reply(&mut client).await;
+        client.get_mut().write_all(b"MAIL FROM:<a@example.org>\r\n").await.unwrap();
+        assert_eq!(reply(&mut client).await, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+        client.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
+        assert_eq!(reply(&mut client).await, "220 2.0.0 Ready to start TLS\r\n");
+        client.get_mut().write_all(b"this is not a ClientHello\r\n").await.unwrap();
+        assert_eq!(task.await.unwrap(), CloseCause::Server("tls_failed"));
     }
 }

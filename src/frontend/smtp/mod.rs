@@ -13,4 +13,4 @@ mod tests;
 
 pub use conn::{ConnContext, run};
 pub use outcome::StoreRequest;
-pub use session::{Event, Peer, Session, SessionConfig};
+pub use session::{Event, Peer, Session, SessionConfig, TlsPolicy};

@@ -221,6 +221,7 @@ impl Session {
             helo: self.client_helo(),
             protocol: self.fwd.proto.clone().unwrap_or_else(|| self.proto.to_string()),
             queue_id: self.fwd.ident.clone().unwrap_or_default(),
+            tls: self.client_tls().cloned(),
         }
     }
 }

@@ -14,6 +14,7 @@ use super::xforward::{self, Forwarded};
 use crate::gate::Gate;
 use crate::gate::message::Recipient;
 use crate::gate::verdict::{Reason, Reply, Verdict};
+use crate::job::TlsInfo;
 use crate::reject::{Action, RejectEntry, Stage};
 
 /// Per-listener settings of a session.
@@ -43,6 +44,15 @@ pub struct Peer {
     pub trusted: bool,
 }
 
+/// A listener's TLS settings as the session applies them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsPolicy {
+    /// Advertise and accept STARTTLS (the listener has a certificate and is not implicit TLS).
+    pub starttls: bool,
+    /// Before TLS, refuse everything but EHLO/HELO/STARTTLS/NOOP/RSET/QUIT with `530 5.7.0`.
+    pub require: bool,
+}
+
 /// What the driver must do next.
 #[derive(Debug)]
 pub enum Event {
@@ -52,6 +62,14 @@ pub enum Event {
     Store(StoreRequest),
     /// Run this check, then call [`Session::spf_checked`] or [`Session::message_checked`].
     Verify(super::verify::Verify),
+    /// Write the pending replies (the `220` to STARTTLS), then run the TLS handshake and call
+    /// [`Session::tls_started`], or close the connection if it fails. Everything the client
+    /// sent after the STARTTLS line was consumed and thrown away (STARTTLS command injection,
+    /// CVE-2011-0411): the driver must throw away anything it still buffers too.
+    StartTls {
+        /// Bytes pipelined after STARTTLS that were thrown away.
+        discarded: usize,
+    },
     /// Write the pending replies and close the connection.
     Close,
 }
@@ -61,6 +79,8 @@ const MAX_COMMAND_LINE: usize = 512;
 /// MAIL and RCPT may carry ESMTP parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, NOTIFY, ORCPT);
 /// RFC 1870 and RFC 3461 raise their limit.
 const MAX_PARAM_LINE: usize = 1024;
+/// With `require_tls`, the commands allowed before TLS (RFC 3207 4: 530 for the others).
+const ALLOWED_BEFORE_TLS: [&[u8]; 7] = [b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"];
 
 pub(super) enum State {
     Command,
@@ -68,6 +88,8 @@ pub(super) enum State {
     /// Waiting for the driver to run an authentication check.
     WaitVerify,
     WaitStore(Box<Pending>),
+    /// STARTTLS was answered; waiting for the driver's handshake. Input is thrown away.
+    WaitTls,
     Closed,
 }
 
@@ -107,6 +129,9 @@ pub struct Session {
     close_cause: Option<&'static str>,
     pub(super) rejects: Vec<RejectEntry>,
     pub(super) stats: SessionStats,
+    tls_policy: TlsPolicy,
+    /// The connection's TLS, once established.
+    tls: Option<TlsInfo>,
 }
 
 impl Session {
@@ -127,7 +152,39 @@ impl Session {
             close_cause: None,
             rejects: Vec::new(),
             stats: SessionStats::default(),
+            tls_policy: TlsPolicy::default(),
+            tls: None,
         }
+    }
+
+    /// Sets the listener's TLS policy (default: no TLS).
+    pub fn set_tls_policy(&mut self, policy: TlsPolicy) {
+        self.tls_policy = policy;
+    }
+
+    /// The TLS handshake succeeded (after STARTTLS, or before the greeting with implicit TLS).
+    /// The session starts over (RFC 3207 4.2): HELO/EHLO, the transaction and XFORWARD
+    /// attributes are forgotten; the client must send EHLO again.
+    pub fn tls_started(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+        self.helo = None;
+        self.proto = "SMTP";
+        self.reset();
+        self.discarding_line = false;
+        if matches!(self.state, State::WaitTls) {
+            self.state = State::Command;
+        }
+    }
+
+    /// The connection's TLS, once established.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// The TLS of the original client's connection: ours, unless XFORWARD says the client is
+    /// someone behind the peer (whose TLS we do not know).
+    pub(super) fn client_tls(&self) -> Option<&TlsInfo> {
+        if self.fwd.seen { None } else { self.tls.as_ref() }
     }
 
     pub fn greeting(&self, out: &mut Vec<u8>) {
@@ -169,6 +226,8 @@ impl Session {
             match &mut self.state {
                 State::Closed => return (pos, Event::Close),
                 State::WaitStore(_) | State::WaitVerify => return (pos, Event::NeedInput),
+                // Nothing pipelined after STARTTLS may be executed: all of it is consumed here.
+                State::WaitTls => return (input.len(), Event::StartTls { discarded: input.len() - pos }),
                 State::Data(rx) => match rx.feed(&input[pos..]) {
                     DataProgress::More { consumed } => return (pos + consumed, Event::NeedInput),
                     DataProgress::Done { consumed } => {
@@ -235,6 +294,13 @@ impl Session {
             self.bad(out, Reason::LineTooLong, Reply::new(500, "5.5.2", "Error: line too long"));
             return;
         }
+        if self.tls_policy.require
+            && self.tls.is_none()
+            && !ALLOWED_BEFORE_TLS.iter().any(|v| verb.eq_ignore_ascii_case(v))
+        {
+            self.bad(out, Reason::TlsRequired, Reply::new(530, "5.7.0", "Must issue a STARTTLS command first"));
+            return;
+        }
         if verb.eq_ignore_ascii_case(b"XFORWARD") {
             let args = String::from_utf8_lossy(&content[verb_end..]).into_owned();
             self.xforward(&args, out);
@@ -280,6 +346,10 @@ impl Session {
                 Reply::new(250, "2.0.0", "Ok").write_to(out);
             }
             Request::Noop { .. } => Reply::new(250, "2.0.0", "Ok").write_to(out),
+            Request::StartTls if self.tls.is_some() => {
+                self.bad(out, Reason::BadCommand, Reply::new(503, "5.5.1", "Error: TLS already active"))
+            }
+            Request::StartTls if self.tls_policy.starttls && !self.cfg.lmtp => self.starttls(out),
             Request::Quit => {
                 Reply::new(221, "2.0.0", "Bye").write_to(out);
                 self.close_cause = Some("quit");
@@ -289,8 +359,10 @@ impl Session {
                 Reply::new(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery").write_to(out)
             }
             Request::Help { .. } => {
-                Reply::new(214, "2.0.0", "mailgate: EHLO HELO LHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP XFORWARD")
-                    .write_to(out)
+                let starttls = if self.offers_starttls() { " STARTTLS" } else { "" };
+                let text =
+                    format!("mailgate: EHLO HELO LHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP XFORWARD{starttls}");
+                Reply::new(214, "2.0.0", text).write_to(out)
             }
             other => {
                 let text = format!("Error: {} not implemented", other.name());
@@ -319,6 +391,9 @@ impl Session {
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
+        if self.offers_starttls() {
+            lines.push("STARTTLS".into());
+        }
         if self.peer.trusted {
             lines.push(format!("XFORWARD {}", xforward::ATTRIBUTES));
         }
@@ -327,6 +402,20 @@ impl Session {
             let sep = if i == last { ' ' } else { '-' };
             out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
         }
+    }
+
+    /// STARTTLS is offered until TLS is up, on SMTP listeners with a certificate.
+    fn offers_starttls(&self) -> bool {
+        self.tls_policy.starttls && self.tls.is_none() && !self.cfg.lmtp
+    }
+
+    fn starttls(&mut self, out: &mut Vec<u8>) {
+        if self.txn.is_some() {
+            self.bad(out, Reason::BadCommand, Reply::new(503, "5.5.1", "Error: MAIL transaction in progress"));
+            return;
+        }
+        Reply::new(220, "2.0.0", "Ready to start TLS").write_to(out);
+        self.state = State::WaitTls;
     }
 
     fn xforward(&mut self, args: &str, out: &mut Vec<u8>) {

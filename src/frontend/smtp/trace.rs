@@ -39,6 +39,17 @@ pub(super) fn headers(session: &Session) -> Vec<u8> {
     h.push_str(&session.cfg.hostname);
     h.push_str(" (mailgate) with ");
     h.push_str(proto);
+    if let Some(tls) = session.client_tls() {
+        // RFC 3848: ESMTPS is ESMTP with STARTTLS (or implicit TLS)
+        if proto == "ESMTP" {
+            h.push('S');
+        }
+        h.push_str("\r\n\t(version=");
+        h.push_str(&sanitize(&tls.version));
+        h.push_str(" cipher=");
+        h.push_str(&sanitize(&tls.cipher));
+        h.push(')');
+    }
     if let Some(id) = &fwd.ident {
         h.push_str(" id ");
         h.push_str(&sanitize(id));
