@@ -2,6 +2,7 @@
 //! raw SMTP/LMTP clients, and the CLI. Every process started here is stopped by PID on drop.
 #![allow(dead_code)]
 
+pub mod delivery;
 pub mod dns;
 pub mod fixtures;
 pub mod postfix;
