@@ -106,6 +106,7 @@ fn build_one(d: &DeliverConfig, name: String, node: &str) -> Result<Deliverer, D
                 namespace,
                 d.worker.clone(),
                 node.to_string(),
+                timeout,
             )))
         }
     };

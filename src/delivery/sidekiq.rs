@@ -39,10 +39,18 @@ pub struct Sidekiq {
     queues_key: String,
     worker: Option<String>,
     node: String,
+    timeout: std::time::Duration,
 }
 
 impl Sidekiq {
-    pub fn new(client: redis::Client, queue: &str, namespace: &str, worker: Option<String>, node: String) -> Sidekiq {
+    pub fn new(
+        client: redis::Client,
+        queue: &str,
+        namespace: &str,
+        worker: Option<String>,
+        node: String,
+        timeout: std::time::Duration,
+    ) -> Sidekiq {
         let prefix = if namespace.is_empty() { String::new() } else { format!("{namespace}:") };
         Sidekiq {
             client,
@@ -52,6 +60,7 @@ impl Sidekiq {
             queues_key: format!("{prefix}queues"),
             worker: worker.filter(|w| !w.is_empty()),
             node,
+            timeout,
         }
     }
 
@@ -61,9 +70,14 @@ impl Sidekiq {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
+        // redis-rs answers "timed out" after 500 ms by default: the deliverer's own timeout
+        // bounds the whole attempt instead.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(self.timeout));
         let c = self
             .client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| Failure::Retry(format!("cannot connect to Redis: {e}")))?;
         *slot = Some(c.clone());
@@ -120,6 +134,7 @@ impl Sidekiq {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn jid_is_24_hex_and_ends_with_the_job_id() {
@@ -139,9 +154,16 @@ mod tests {
     #[test]
     fn keys_with_and_without_namespace() {
         let client = redis::Client::open("redis://127.0.0.1:1/0").unwrap();
-        let s = Sidekiq::new(client.clone(), "default", "", None, "n".into());
+        let s = Sidekiq::new(client.clone(), "default", "", None, "n".into(), Duration::from_secs(1));
         assert_eq!((s.list_key.as_str(), s.queues_key.as_str()), ("queue:default", "queues"));
-        let s = Sidekiq::new(client, "email_receiver", "resque:gitlab", Some(String::new()), "n".into());
+        let s = Sidekiq::new(
+            client,
+            "email_receiver",
+            "resque:gitlab",
+            Some(String::new()),
+            "n".into(),
+            Duration::from_secs(1),
+        );
         assert_eq!(s.list_key, "resque:gitlab:queue:email_receiver");
         assert_eq!(s.worker, None);
     }

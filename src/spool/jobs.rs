@@ -10,6 +10,37 @@ use super::records::StoredJob;
 use super::{NewJob, Spool, SpoolError, StoreOutcome, dedup, raw};
 use crate::job::{JobState, format_id};
 
+/// The ids of one store's jobs while they are pending (see `Inner::pending`); dropping it,
+/// after the commit or on any error, makes them leasable.
+pub(super) struct Pending<'a> {
+    spool: &'a Spool,
+    ids: Vec<u64>,
+}
+
+impl<'a> Pending<'a> {
+    #[cfg(test)]
+    pub(super) fn for_test(spool: &'a Spool) -> Pending<'a> {
+        Pending { spool, ids: Vec::new() }
+    }
+
+    fn add(&mut self, id: u64) {
+        if let Ok(mut p) = self.spool.0.pending.lock() {
+            p.insert(id);
+        }
+        self.ids.push(id);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.spool.0.pending.lock() {
+            for id in &self.ids {
+                p.remove(id);
+            }
+        }
+    }
+}
+
 /// A job ready to be written by the store transaction.
 struct Prepared {
     id: u64,
@@ -35,19 +66,27 @@ impl Spool {
             return Ok(Vec::new());
         }
         // sled inserts are memory operations (the disk work is the committer's), so they run
-        // on the session's worker: no thread hop and no copy of the message.
-        let outcomes = self.store_blocking(raw, jobs)?;
+        // on the session's worker: no thread hop and no copy of the message. The new jobs stay
+        // pending (not leasable) until the commit that covers them.
+        let mut pending = Pending { spool: self, ids: Vec::with_capacity(jobs.len()) };
+        let outcomes = self.store_blocking(raw, jobs, &mut pending)?;
         self.commit().await?;
+        drop(pending);
         if outcomes.iter().any(|o| matches!(o, StoreOutcome::Stored { .. })) {
             self.0.ready.notify_waiters();
         }
         Ok(outcomes)
     }
 
-    fn store_blocking(&self, raw_msg: &[u8], jobs: Vec<NewJob>) -> Result<Vec<StoreOutcome>, SpoolError> {
+    pub(super) fn store_blocking(
+        &self,
+        raw_msg: &[u8],
+        jobs: Vec<NewJob>,
+        pending: &mut Pending<'_>,
+    ) -> Result<Vec<StoreOutcome>, SpoolError> {
         let raw_id = self.0.db.generate_id()?;
         let mut written = vec![raw_id];
-        let result = self.write_jobs(raw_msg, raw_id, jobs, &mut written);
+        let result = self.write_jobs(raw_msg, raw_id, jobs, &mut written, pending);
         let unused = match &result {
             Err(_) => written,
             Ok((outcomes, prepared)) => {
@@ -77,6 +116,7 @@ impl Spool {
         raw_id: u64,
         jobs: Vec<NewJob>,
         written: &mut Vec<u64>,
+        pending: &mut Pending<'_>,
     ) -> Result<(Vec<StoreOutcome>, Vec<Prepared>), SpoolError> {
         let i = &self.0;
         raw::write(&i.raw, raw_id, raw_msg)?;
@@ -87,6 +127,7 @@ impl Spool {
         let mut prepared = Vec::with_capacity(jobs.len());
         for new in jobs {
             let id = i.db.generate_id()?;
+            pending.add(id);
             let mut job = new.job;
             job.id = format_id(id);
             job.state = JobState::Ready;

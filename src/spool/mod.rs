@@ -170,6 +170,12 @@ struct Inner {
     depth: Mutex<HashMap<Vec<u8>, Depth>>,
     /// Woken when jobs may have become ready for workers.
     ready: tokio::sync::Notify,
+    /// Jobs stored but not yet covered by a commit: nobody may lease them (a push worker would
+    /// hand the application a message whose sender has no 250 yet and might send it again).
+    pending: Mutex<std::collections::HashSet<u64>>,
+    /// State changes not yet committed that need no waiting (push leases and outcomes): the
+    /// maintenance loop commits them within a second.
+    dirty: AtomicBool,
     reject_count: AtomicU64,
     /// Last reject key (nanos, sequence): keys only grow, so a cursor never misses an entry.
     reject_clock: Mutex<(u64, u32)>,
@@ -267,6 +273,8 @@ impl Spool {
             flushes,
             depth: Mutex::new(depth),
             ready: tokio::sync::Notify::new(),
+            pending: Mutex::new(std::collections::HashSet::new()),
+            dirty: AtomicBool::new(false),
             reject_count: AtomicU64::new(reject_count),
             reject_clock: Mutex::new(last_reject),
             closed: AtomicBool::new(false),
@@ -288,6 +296,16 @@ impl Spool {
     /// Asks for a commit without waiting for it.
     pub fn commit_soon(&self) {
         let _ = self.0.commits.send(Msg::Commit(None));
+    }
+
+    /// Marks uncommitted changes that the maintenance loop commits within a second.
+    fn mark_dirty(&self) {
+        self.0.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether job `id` is stored but not yet committed.
+    fn is_pending(&self, id: u64) -> bool {
+        self.0.pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
     }
 
     /// How many flushes the committer has run (each one covers a whole batch of commits).
@@ -461,6 +479,9 @@ impl Spool {
                         }
                         continue;
                     }
+                }
+                if spool.0.dirty.swap(false, Ordering::Relaxed) {
+                    spool.commit_soon();
                 }
                 match spool.reap().await {
                     Ok(r) if r.purged > 0 => {

@@ -134,3 +134,19 @@ async fn retention_keeps_done_jobs_until_it_is_over() {
     assert_eq!(spool.get(&id).unwrap().unwrap().state, JobState::Done);
     assert_eq!(spool.0.leases.len(), 1, "one purge timer");
 }
+
+#[tokio::test]
+async fn a_job_is_not_leased_before_the_commit_that_covers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), Duration::from_secs(3600));
+    // Store's first half (the inserts) without its commit: the job is visible but pending.
+    let mut pending = super::jobs::Pending::for_test(&spool);
+    let out = spool.store_blocking(b"m", vec![new_job("incoming", "k", vec![])], &mut pending).unwrap();
+    let id = stored_id(&out[0]);
+    assert!(spool.get(&id).unwrap().is_some());
+    assert!(spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().is_none(), "not before the commit");
+    assert!(spool.lease_next(None, Duration::from_secs(60)).await.unwrap().is_none());
+    spool.commit().await.unwrap();
+    drop(pending);
+    assert_eq!(spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap().id, id);
+}

@@ -197,7 +197,7 @@ impl Spool {
         if durable {
             self.commit().await?;
         } else {
-            self.commit_soon();
+            self.mark_dirty();
         }
         record.load(&self.0.raw)
     }
@@ -218,6 +218,9 @@ impl Spool {
                 continue;
             }
             let id = key.get(1..).and_then(be_u64).ok_or_else(|| SpoolError::Corrupt("state index key".into()))?;
+            if self.is_pending(id) {
+                continue;
+            }
             match self.transition(id, &Change::Lease { until, push }) {
                 Ok(record) => return Ok(Some(record)),
                 // Another consumer took it between the scan and the transaction.
@@ -236,12 +239,14 @@ impl Spool {
         record.load(&self.0.raw).map(Some)
     }
 
-    /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without
-    /// waiting for the commit. Such leases are released when the process starts again.
+    /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without a
+    /// commit of its own. Such leases are released when the process starts again.
     pub fn lease_for_push(&self, mailboxes: &[&str], lease: Duration) -> Result<Option<Job>, SpoolError> {
         let filter = if mailboxes.is_empty() { None } else { Some(mailboxes) };
         let Some(record) = self.lease_first(filter, lease, true)? else { return Ok(None) };
-        self.commit_soon();
+        // A push lease need not be durable: lost in a crash, it is what the next start's
+        // release would undo anyway.
+        self.mark_dirty();
         record.load(&self.0.raw).map(Some)
     }
 
@@ -256,7 +261,8 @@ impl Spool {
         self.change(id, Change::Ack, true).await
     }
 
-    /// Push workers: leased -> done, committed soon (not waited for).
+    /// Push workers: leased -> done, committed within a second (not waited for): a crash before
+    /// then means one more delivery of the job, never a lost one.
     pub async fn ack_soon(&self, id: &str) -> Result<Job, SpoolError> {
         self.change(id, Change::Ack, false).await
     }
@@ -297,7 +303,8 @@ impl Spool {
         self.fail_to(id, error, next, true).await
     }
 
-    /// Leased -> `next`, recording `error` as `last_error`; `durable`: wait for the commit.
+    /// Leased -> `next`, recording `error` as `last_error`; `durable`: wait for the commit,
+    /// else it is committed within a second.
     pub async fn fail_to(&self, id: &str, error: &str, next: AfterFailure, durable: bool) -> Result<Job, SpoolError> {
         let mut error = error.to_string();
         if error.len() > MAX_ERROR_LEN {
