@@ -123,6 +123,10 @@ ratio=$(python3 -c "print(f'{$mg_med/$sink_med:.2f}')")
 RUNS=$RUNS SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-postfix.sh > "$work/postfix.md" ||
   printf '## Through Postfix (mode A)\n\nNot measured: scripts/bench-postfix.sh failed (see its output above).\n' > "$work/postfix.md"
 
+# --- push delivery ([[deliver]]) to a webhook receiver and to Sidekiq/Redis: its own section ---
+SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-delivery.sh > "$work/delivery.md" ||
+  printf '## Delivery\n\nNot measured: scripts/bench-delivery.sh failed.\n' > "$work/delivery.md"
+
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 {
   echo "# Benchmarks"
@@ -167,6 +171,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
   echo
   cat "$work/postfix.md"
+  cat "$work/delivery.md"
   cat docs/bench-analysis.md
 } > docs/BENCHMARKS.md
 cat docs/BENCHMARKS.md
