@@ -123,6 +123,11 @@ ratio=$(python3 -c "print(f'{$mg_med/$sink_med:.2f}')")
 RUNS=$RUNS SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-postfix.sh > "$work/postfix.md" ||
   printf '## Through Postfix (mode A)\n\nNot measured: scripts/bench-postfix.sh failed (see its output above).\n' > "$work/postfix.md"
 
+# --- the intake matrix: smtp-sink, Postfix -> discard:, mailgate auth off/on; 4 KiB and 100 KiB
+# at 1, 20 and 50 sessions, the same smtp-source commands (its own section; one run per cell) ---
+RUNS=${MATRIX_RUNS:-1} scripts/bench-matrix.sh > "$work/matrix.md" ||
+  printf '## Intake matrix\n\nNot measured: scripts/bench-matrix.sh failed.\n' > "$work/matrix.md"
+
 # --- push delivery ([[deliver]]) to a webhook receiver and to Sidekiq/Redis: its own section ---
 SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-delivery.sh > "$work/delivery.md" ||
   printf '## Delivery\n\nNot measured: scripts/bench-delivery.sh failed.\n' > "$work/delivery.md"
@@ -171,6 +176,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "Raw runs: smtp-sink ${sink_rates[*]} msg/s; mailgate ${mg_rates[*]} msg/s."
   echo
   cat "$work/postfix.md"
+  cat "$work/matrix.md"
   cat "$work/delivery.md"
   cat docs/bench-analysis.md
 } > docs/BENCHMARKS.md
