@@ -1,11 +1,11 @@
 # mailgate: build, test, lint, bench.
 CARGO ?= cargo
 # command=debian-package pairs the tests and benchmarks need
-TEST_PACKAGES = swaks=swaks python3=python3 redis-server=redis-server
-BENCH_PACKAGES = smtp-source=postfix smtp-sink=postfix swaks=swaks
+TEST_PACKAGES = swaks=swaks python3=python3 redis-server=redis-server perl:Net::SSLeay=libnet-ssleay-perl
+BENCH_PACKAGES = smtp-source=postfix smtp-sink=postfix swaks=swaks redis-server=redis-server
 E2E_PACKAGES = postfix=postfix sendmail=postfix smtp-source=postfix swaks=swaks
 
-.PHONY: build test unit lint bench deps fmt e2e
+.PHONY: build test unit lint bench deps fmt e2e fuzz
 
 build:
 	$(CARGO) build --release
@@ -26,6 +26,12 @@ e2e:
 unit:
 	$(CARGO) test --lib
 
+# Fuzzing (fuzz/README.md): every cargo-fuzz target for FUZZ_SECONDS each, one after the other;
+# installs cargo-fuzz if missing. Crashes land in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 600
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -37,5 +43,5 @@ fmt:
 # Benchmarks are never timed tests: they write docs/BENCHMARKS.md.
 bench:
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
-	$(CARGO) build --release --bin mailgate --example loadgen --example benchdns
+	$(CARGO) build --release --bin mailgate --example loadgen --example benchdns --example deliverysink
 	scripts/bench.sh

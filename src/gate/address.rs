@@ -44,7 +44,8 @@ impl Template {
         if domain.is_empty() {
             return Err(bad(format!("address {address:?} has an empty domain")));
         }
-        if domain.contains(PLACEHOLDER) {
+        // Compared lowercased: the domain is stored lowercased, and `%{KEY}` would become one.
+        if domain.to_ascii_lowercase().contains(PLACEHOLDER) {
             return Err(bad(format!("address {address:?}: {PLACEHOLDER} must be in the local part")));
         }
         if local.is_empty() {
@@ -210,6 +211,7 @@ mod tests {
             "@host",
             "a+%{key}+%{key}@host",
             "incoming@%{key}.host",
+            "in+%{key}@%{KEY}.example",
             "in coming+%{key}@host",
             "<incoming+%{key}@host>",
             "a@b@host",

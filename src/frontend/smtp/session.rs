@@ -192,6 +192,11 @@ impl Session {
         Reply::new(220, "", format!("{} {kind} mailgate", self.cfg.hostname)).write_to(out);
     }
 
+    /// Part of a command line was consumed (an over-long line being thrown away).
+    pub fn mid_line(&self) -> bool {
+        self.discarding_line
+    }
+
     pub fn in_data(&self) -> bool {
         matches!(self.state, State::Data(_))
     }
@@ -315,10 +320,10 @@ impl Session {
                     ParseError::InvalidRecipientAddress => Reply::new(501, "5.1.3", "Bad recipient address syntax"),
                     ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
                     ParseError::InvalidParameter { param } => {
-                        Reply::new(501, "5.5.4", format!("Invalid parameter {param:?}"))
+                        Reply::new(501, "5.5.4", format!("Invalid parameter {}", echoed(&param)))
                     }
                     ParseError::UnsupportedParameter { param } => {
-                        Reply::new(555, "5.5.4", format!("Unsupported parameter {param:?}"))
+                        Reply::new(555, "5.5.4", format!("Unsupported parameter {}", echoed(&param)))
                     }
                     _ => Reply::new(500, "5.5.2", "Error: bad syntax"),
                 };
@@ -528,7 +533,9 @@ impl Session {
         }
         let header = trace::headers(self);
         self.trace_len = header.len();
-        let rx = DataReceiver::new(header, self.cfg.max_message_size, self.cfg.max_line_length);
+        let limits = self.gate.content_limits();
+        let rx = DataReceiver::new(header, self.cfg.max_message_size, self.cfg.max_line_length)
+            .with_header_limits(limits.max_header_size, limits.max_header_lines);
         self.state = State::Data(Box::new(rx));
         Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").write_to(out);
     }
@@ -632,4 +639,15 @@ impl Session {
             (None, false) => self.peer.ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }
     }
+}
+
+/// A client's parameter quoted in a reply: escaped and cut to 40 characters, so that the reply
+/// line stays within RFC 5321's 512 octets whatever the client sent.
+fn echoed(param: &str) -> String {
+    const MAX: usize = 40;
+    let mut shown: String = param.chars().take(MAX).collect();
+    if param.chars().nth(MAX).is_some() {
+        shown.push_str("...");
+    }
+    format!("{shown:?}")
 }
