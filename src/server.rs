@@ -44,7 +44,10 @@ struct Listener {
 
 pub async fn serve(config: Config) -> Result<(), ServerError> {
     config.validate()?;
-    let gate = Arc::new(Gate::new(&config.mailbox, &config.policy)?.with_auth(&config.auth));
+    let gate = Arc::new(
+        Gate::new(&config.mailbox, &config.policy)?.with_auth(&config.auth).with_limits(config.limits.content()),
+    );
+    raise_open_file_limit(config.limits.max_connections);
     let verify = gate.any_policy(crate::gate::auth::AuthPolicy::needs_checks);
     let verify_spf = gate.any_policy(crate::gate::auth::AuthPolicy::needs_spf);
     // One shared authenticator (DNS resolver and caches) for every session.
@@ -130,6 +133,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
             command_timeout: config.limits.command_timeout,
             data_timeout: config.limits.data_timeout,
             session_timeout: config.limits.session_timeout,
+            error_delay: config.limits.error_delay,
             shutdown: shutdown_rx.clone(),
             tls: l.tls.clone(),
         });
@@ -188,6 +192,37 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!("mailgate stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection takes a descriptor,
+/// and the usual soft limit (1024) is no more than the default `max_connections` (1000) for
+/// SMTP/LMTP plus as many for the policy service. Over the limit, accept fails and nobody is
+/// served, not even within the connection limits.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let before = limit.rlim_cur;
+    // an unlimited hard limit is still capped by the kernel's nr_open (default 1048576)
+    let wanted = limit.rlim_max.min(1 << 20);
+    if before < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
+        // SAFETY: as above
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = wanted;
+            tracing::info!(from = before, to = wanted, "open-file limit raised");
+        }
+    }
+    let needed = 2 * max_connections as u64 + 64;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            limit = limit.rlim_cur,
+            needed,
+            "open-file limit below 2 x max_connections + 64: connections beyond it cannot be accepted"
+        );
+    }
 }
 
 /// Waits for every task in turn.

@@ -73,8 +73,23 @@ pub(super) fn default_session_timeout() -> Duration {
 pub(super) fn default_max_errors() -> u32 {
     10
 }
+pub(super) fn default_error_delay() -> Duration {
+    Duration::from_millis(250)
+}
 pub(super) fn default_max_line_length() -> usize {
     1000
+}
+pub(super) fn default_max_header_size() -> usize {
+    crate::gate::mime::ContentLimits::DEFAULT.max_header_size
+}
+pub(super) fn default_max_header_lines() -> usize {
+    crate::gate::mime::ContentLimits::DEFAULT.max_header_lines
+}
+pub(super) fn default_max_mime_depth() -> usize {
+    crate::gate::mime::ContentLimits::DEFAULT.max_mime_depth
+}
+pub(super) fn default_max_mime_parts() -> usize {
+    crate::gate::mime::ContentLimits::DEFAULT.max_mime_parts
 }
 pub(super) fn default_spf() -> SpfMode {
     SpfMode::RejectFail

@@ -240,9 +240,37 @@ pub struct LimitsConfig {
     /// Bad commands tolerated in a session before `421` and close.
     #[serde(default = "default_max_errors")]
     pub max_errors: u32,
+    /// The reply to each error after a session's second waits this long ("0s": no wait).
+    #[serde(default = "default_error_delay", with = "humantime_serde")]
+    pub error_delay: Duration,
     /// Longest text line in DATA, CRLF included (RFC 5321: 1000).
     #[serde(default = "default_max_line_length")]
     pub max_line_length: usize,
+    /// Bytes of header in a message: its header section and the headers of its MIME parts and
+    /// attached messages together, CRLFs included.
+    #[serde(default = "default_max_header_size")]
+    pub max_header_size: usize,
+    /// Header lines (continuation lines included), counted like `max_header_size`.
+    #[serde(default = "default_max_header_lines")]
+    pub max_header_lines: usize,
+    /// How many multiparts and attached messages may enclose a MIME part.
+    #[serde(default = "default_max_mime_depth")]
+    pub max_mime_depth: usize,
+    /// MIME parts in a message, attached messages and their parts included.
+    #[serde(default = "default_max_mime_parts")]
+    pub max_mime_parts: usize,
+}
+
+impl LimitsConfig {
+    /// The header and MIME limits the gate applies at the end of DATA.
+    pub fn content(&self) -> crate::gate::mime::ContentLimits {
+        crate::gate::mime::ContentLimits {
+            max_header_size: self.max_header_size,
+            max_header_lines: self.max_header_lines,
+            max_mime_depth: self.max_mime_depth,
+            max_mime_parts: self.max_mime_parts,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -256,7 +284,12 @@ impl Default for LimitsConfig {
             data_timeout: default_data_timeout(),
             session_timeout: default_session_timeout(),
             max_errors: default_max_errors(),
+            error_delay: default_error_delay(),
             max_line_length: default_max_line_length(),
+            max_header_size: default_max_header_size(),
+            max_header_lines: default_max_header_lines(),
+            max_mime_depth: default_max_mime_depth(),
+            max_mime_parts: default_max_mime_parts(),
         }
     }
 }
@@ -439,6 +472,19 @@ impl Config {
         }
         if self.limits.max_line_length < 80 {
             out.push("[limits] max_line_length must be at least 80".into());
+        }
+        if self.limits.max_header_size < 1024 {
+            out.push("[limits] max_header_size must be at least 1024".into());
+        }
+        if self.limits.max_header_lines < 16 {
+            out.push("[limits] max_header_lines must be at least 16".into());
+        }
+        let max_depth = crate::gate::mime::MAX_MIME_DEPTH;
+        if !(1..=max_depth).contains(&self.limits.max_mime_depth) {
+            out.push(format!("[limits] max_mime_depth must be between 1 and {max_depth}"));
+        }
+        if self.limits.max_mime_parts < 2 {
+            out.push("[limits] max_mime_parts must be at least 2".into());
         }
         let mailbox_auth = self.mailbox.iter().filter_map(|m| Some((m.name.as_str(), m.auth.as_ref()?)));
         out.extend(self.auth.problems(mailbox_auth));

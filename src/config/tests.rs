@@ -77,6 +77,24 @@ retry = ["1m", "5m"]
 }
 
 #[test]
+fn content_limits_and_the_error_delay() {
+    let d = Config::default();
+    assert_eq!(d.limits.content(), crate::gate::mime::ContentLimits::DEFAULT);
+    assert_eq!(d.limits.error_delay, Duration::from_millis(250));
+    let text = "[limits]\nmax_header_size = 65536\nmax_header_lines = 500\nmax_mime_depth = 20\n\
+                max_mime_parts = 200\nerror_delay = \"0s\"\n";
+    let c = Config::from_toml(text, Path::new("t.toml")).unwrap();
+    let limits = c.limits.content();
+    assert_eq!((limits.max_header_size, limits.max_header_lines), (65536, 500));
+    assert_eq!((limits.max_mime_depth, limits.max_mime_parts), (20, 200));
+    assert!(c.limits.error_delay.is_zero());
+    for bad in ["max_mime_depth = 0", "max_mime_depth = 101", "max_mime_parts = 1", "max_header_size = 100"] {
+        let e = Config::from_toml(&format!("[limits]\n{bad}\n"), Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn typos_are_errors() {
     let e = Config::from_toml("[limits]\nmax_mesage_size = 1\n", Path::new("t.toml")).unwrap_err();
     assert!(e.to_string().contains("max_mesage_size"), "{e}");

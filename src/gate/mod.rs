@@ -5,6 +5,7 @@ pub mod auth;
 pub mod autoreply;
 pub mod headers;
 pub mod message;
+pub mod mime;
 pub mod route;
 pub mod verdict;
 
@@ -40,6 +41,8 @@ pub struct Gate {
     /// `[auth]`, and each mailbox's partial override (sender authentication policy).
     auth: crate::config::AuthConfig,
     mailbox_auth: std::collections::HashMap<String, crate::config::MailboxAuthConfig>,
+    /// Header and MIME limits of a message (`[limits]`).
+    limits: mime::ContentLimits,
 }
 
 fn unknown_key(text: &str) -> Verdict {
@@ -48,6 +51,19 @@ fn unknown_key(text: &str) -> Verdict {
 
 fn unknown_address() -> Verdict {
     Verdict::reject(Reason::UnknownAddress, 550, "5.1.1", "no such mailbox here")
+}
+
+/// The refusal of a message over a content limit.
+pub fn content_refusal(v: mime::Violation) -> (Reason, verdict::Reply) {
+    use mime::Violation::*;
+    let (reason, code, enhanced, text) = match v {
+        HeaderSize => (Reason::HeaderTooLarge, 552, "5.3.4", "Error: message header too big"),
+        HeaderLines => (Reason::HeaderTooLarge, 552, "5.3.4", "Error: too many header lines"),
+        MimeDepth => (Reason::MimeTooComplex, 554, "5.6.0", "Error: MIME nesting too deep"),
+        MimeParts => (Reason::MimeTooComplex, 554, "5.6.0", "Error: too many MIME parts"),
+        MimeBoundaries => (Reason::MimeTooComplex, 554, "5.6.0", "Error: MIME boundaries missing"),
+    };
+    (reason, verdict::Reply::new(code, enhanced, text))
 }
 
 const NULL_SENDER: &str = "mail from the null sender is not accepted";
@@ -80,7 +96,30 @@ impl Gate {
             templates.push(t);
         }
         let mailbox_auth = mailboxes.iter().filter_map(|m| Some((m.name.clone(), m.auth.clone()?))).collect();
-        Ok(Gate { templates, policy: policy.clone(), auth: Default::default(), mailbox_auth })
+        let limits = mime::ContentLimits::DEFAULT;
+        Ok(Gate { templates, policy: policy.clone(), auth: Default::default(), mailbox_auth, limits })
+    }
+
+    /// Sets the header and MIME limits (default: [`mime::ContentLimits::DEFAULT`]).
+    pub fn with_limits(mut self, limits: mime::ContentLimits) -> Gate {
+        self.limits = limits;
+        self
+    }
+
+    pub fn content_limits(&self) -> &mime::ContentLimits {
+        &self.limits
+    }
+
+    /// End of DATA, before any parser reads the message: the size of its header and its MIME
+    /// structure. `raw` is the message as the client sent it.
+    pub fn check_structure(&self, raw: &[u8]) -> Verdict {
+        match mime::check(raw, &self.limits) {
+            Ok(_) => Verdict::Accept,
+            Err(v) => {
+                let (reason, reply) = content_refusal(v);
+                Verdict::Reject { reason, reply }
+            }
+        }
     }
 
     /// Sets `[auth]`, the global sender-authentication settings the mailboxes override.

@@ -35,10 +35,15 @@ pub enum Reason {
     Shutdown,
     /// A command before STARTTLS on a `require_tls` listener.
     TlsRequired,
+    /// The header is over `max_header_size` or `max_header_lines`.
+    HeaderTooLarge,
+    /// The MIME structure is over `max_mime_depth` or `max_mime_parts`, or names boundaries
+    /// that never come.
+    MimeTooComplex,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 24] = [
         Reason::UnknownAddress,
         Reason::UnknownKey,
         Reason::AutoSubmitted,
@@ -61,6 +66,8 @@ impl Reason {
         Reason::TooManyErrors,
         Reason::Shutdown,
         Reason::TlsRequired,
+        Reason::HeaderTooLarge,
+        Reason::MimeTooComplex,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +94,8 @@ impl Reason {
             Reason::TooManyErrors => "too_many_errors",
             Reason::Shutdown => "shutdown",
             Reason::TlsRequired => "tls_required",
+            Reason::HeaderTooLarge => "header_too_large",
+            Reason::MimeTooComplex => "mime_too_complex",
         }
     }
 }

@@ -3,7 +3,9 @@
 //! Content-Transfer-Encoding; the charset is decoded here (`charset.rs`) from the part's
 //! undecoded bytes, to recover mislabelled text as GitLab does. Line endings become `\n`.
 //!
-//! Only the first [`MAX_PART_BYTES`] of the part are read.
+//! Only the first [`MAX_PART_BYTES`] of the part are read. A message whose header or MIME
+//! structure is beyond what mail-parser handles safely (attached messages nested deeper than
+//! [`MAX_MIME_DEPTH`](crate::gate::mime::MAX_MIME_DEPTH) overflow the stack) is not parsed.
 
 use std::borrow::Cow;
 
@@ -19,6 +21,8 @@ const MAX_ENCODED_BYTES: usize = 3 * MAX_PART_BYTES + 64 * 1024;
 
 /// The text of the message's body, None when it has no text/plain or text/html body part.
 pub(super) fn body_text(raw: &[u8]) -> Option<String> {
+    use crate::gate::mime::{ContentLimits, check};
+    check(raw, &ContentLimits::PARSER_SAFE).ok()?;
     let message = MessageParser::default().parse(raw)?;
     let (part, is_html) = message
         .text_bodies()

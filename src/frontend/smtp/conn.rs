@@ -24,12 +24,21 @@ pub struct ConnContext {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub session_timeout: Duration,
+    /// The replies to errors after the first [`FREE_ERRORS`] wait this long each (tarpit).
+    pub error_delay: Duration,
     pub shutdown: watch::Receiver<bool>,
     /// The listener's TLS (certificate, implicit or STARTTLS, required or not); None: plaintext.
     pub tls: Option<Arc<ListenerTls>>,
 }
 
+/// Read buffer sizes: small while waiting for commands (idle connections are cheap), larger in
+/// DATA. A buffer grown in DATA is shrunk again when the session goes back to commands.
+const COMMAND_CHUNK: usize = 1024;
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Errors answered at once; the replies to later ones wait `error_delay` each, so that a client
+/// flooding bad commands gets through few sessions (and reject-log entries) a second.
+pub const FREE_ERRORS: u32 = 2;
 
 /// How a session ended, for its log event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,11 +75,14 @@ where
     }
     let mut shutdown = ctx.shutdown.clone();
     let mut out = Vec::with_capacity(512);
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut buf: Vec<u8> = Vec::with_capacity(COMMAND_CHUNK);
+    // When the first byte of the command line being received arrived.
+    let mut command_started: Option<Instant> = None;
+    let mut errors_answered = 0;
     let cause = 'session: {
         // Implicit TLS: the handshake comes before the greeting.
         if let Some(tls) = ctx.tls.as_ref().filter(|t| t.implicit) {
-            match stream.upgrade(tls.acceptor(), write_limit(ctx, deadline)).await {
+            match Box::pin(stream.upgrade(tls.acceptor(), write_limit(ctx, deadline))).await {
                 Ok(info) => session.tls_started(info),
                 Err(e) => {
                     handshake_failed(ctx, &peer, &e);
@@ -84,17 +96,17 @@ where
             buf.drain(..consumed);
             flush_rejects(&mut session, &ctx.spool);
             match event {
-                Event::Store(req) => store(&mut session, ctx, req, &mut out).await,
+                Event::Store(req) => Box::pin(store(&mut session, ctx, req, &mut out)).await,
                 Event::Verify(Verify::Spf { ip, helo, mail_from }) => {
                     let Some(auth) = &ctx.auth else { break CloseCause::Error };
-                    let check = auth.spf(ip, &helo, &mail_from, &ctx.session.hostname).await;
+                    let check = Box::pin(auth.spf(ip, &helo, &mail_from, &ctx.session.hostname)).await;
                     session.spf_checked(check, &mut out);
                 }
                 Event::Verify(Verify::Message { raw, ip, helo, mail_from, spf }) => {
                     let Some(auth) = &ctx.auth else { break CloseCause::Error };
-                    let check = auth.message(&raw, &spf, ip, &helo, &mail_from).await;
+                    let check = Box::pin(auth.message(&raw, &spf, ip, &helo, &mail_from)).await;
                     if let Some(req) = session.message_checked(raw, check, &mut out) {
-                        store(&mut session, ctx, req, &mut out).await;
+                        Box::pin(store(&mut session, ctx, req, &mut out)).await;
                     } else {
                         flush_rejects(&mut session, &ctx.spool);
                     }
@@ -116,7 +128,7 @@ where
                     }
                     let Some(tls) = &ctx.tls else { break CloseCause::Error };
                     // The handshake counts against the command timeout.
-                    match stream.upgrade(tls.acceptor(), write_limit(ctx, deadline)).await {
+                    match Box::pin(stream.upgrade(tls.acceptor(), write_limit(ctx, deadline))).await {
                         Ok(info) => session.tls_started(info),
                         Err(e) => {
                             handshake_failed(ctx, &peer, &e);
@@ -125,10 +137,12 @@ where
                     }
                 }
                 Event::Close => {
+                    tarpit(&session, &mut errors_answered, ctx.error_delay).await;
                     let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                     break CloseCause::Server(session.close_cause().unwrap_or("closed"));
                 }
                 Event::NeedInput => {
+                    tarpit(&session, &mut errors_answered, ctx.error_delay).await;
                     if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
                         break CloseCause::Error;
                     }
@@ -138,17 +152,34 @@ where
                         let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                         break CloseCause::Server("shutdown");
                     }
-                    // The session deadline holds even for a client that always has data ready
-                    // (a read that never blocks would never see its timer fire).
-                    if Instant::now() >= deadline {
+                    // A command line must arrive within command_timeout however it trickles in
+                    // (the idle timer alone restarts with every byte).
+                    let now = Instant::now();
+                    let partial = !session.in_data() && (!buf.is_empty() || session.mid_line());
+                    let command_deadline = match (partial, command_started) {
+                        (false, _) => None,
+                        (true, Some(since)) => Some(since + ctx.command_timeout),
+                        (true, None) => Some(*command_started.insert(now) + ctx.command_timeout),
+                    };
+                    if !partial {
+                        command_started = None;
+                    }
+                    let until = command_deadline.map_or(deadline, |c| c.min(deadline));
+                    // The deadlines hold even for a client that always has data ready (a read
+                    // that never blocks would never see its timer fire).
+                    if now >= until {
                         session.timeout(&mut out);
                         flush_rejects(&mut session, &ctx.spool);
                         let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                         break CloseCause::Server("timeout");
                     }
                     let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
-                    let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-                    buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()));
+                    let wait = idle.min(until.saturating_duration_since(now));
+                    let chunk = if session.in_data() { READ_CHUNK } else { COMMAND_CHUNK };
+                    if chunk == COMMAND_CHUNK && buf.is_empty() && buf.capacity() > COMMAND_CHUNK {
+                        buf.shrink_to(COMMAND_CHUNK);
+                    }
+                    buf.reserve(chunk.saturating_sub(buf.capacity() - buf.len()));
                     tokio::select! {
                         r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
                             Ok(Ok(0)) => break CloseCause::PeerClosed,
@@ -230,6 +261,17 @@ async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreReques
     flush_rejects(session, &ctx.spool);
 }
 
+/// Waits `delay` for each error since the last call beyond the first [`FREE_ERRORS`] of the
+/// session (at most ten delays at once), before their replies go out.
+async fn tarpit(session: &Session, answered: &mut u32, delay: Duration) {
+    let errors = session.errors();
+    let late = errors.saturating_sub((*answered).max(FREE_ERRORS)).min(10);
+    *answered = errors;
+    if late > 0 && !delay.is_zero() {
+        tokio::time::sleep(delay * late).await;
+    }
+}
+
 /// How long one write may take: a client that stops reading must not hold its connection
 /// slot forever. At least a second, so the final 421 of an expired session still goes out.
 fn write_limit(ctx: &ConnContext, deadline: Instant) -> Duration {
@@ -300,6 +342,7 @@ mod tests {
             command_timeout: Duration::from_secs(10),
             data_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(30),
+            error_delay: Duration::ZERO,
             shutdown,
             tls: Some(Arc::new(ListenerTls::new(store, implicit, require))),
         };
@@ -400,5 +443,74 @@ mod tests {
         assert_eq!(reply(&mut client).await, "220 2.0.0 Ready to start TLS\r\n");
         client.get_mut().write_all(b"this is not a ClientHello\r\n").await.unwrap();
         assert_eq!(task.await.unwrap(), CloseCause::Server("tls_failed"));
+    }
+
+    /// Slowloris: a command line trickled in byte by byte is cut after `command_timeout`,
+    /// although every byte restarts the idle timer; whole commands, however slow, are not.
+    #[tokio::test]
+    async fn a_trickled_command_line_is_cut_after_the_command_timeout() {
+        let mut f = fixture(false, false);
+        let ctx = Arc::get_mut(&mut f.ctx).unwrap();
+        ctx.tls = None;
+        ctx.command_timeout = Duration::from_millis(600);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let mut client = BufReader::new(client);
+        assert!(reply(&mut client).await.starts_with("220 "));
+        // slow, but each command line whole within the timeout
+        for _ in 0..3 {
+            client.get_mut().write_all(b"NO").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            client.get_mut().write_all(b"OP\r\n").await.unwrap();
+            assert_eq!(reply(&mut client).await, "250 2.0.0 Ok\r\n");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let started = Instant::now();
+        let trickle = async {
+            for b in b"NOOP this line never ends".iter().cycle() {
+                if client.get_mut().write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let cause = tokio::select! {
+            c = task => c.unwrap(),
+            _ = trickle => panic!("the trickle ended first"),
+        };
+        assert_eq!(cause, CloseCause::Server("timeout"));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(550) && took < Duration::from_secs(3), "{took:?}");
+        let mut rest = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut client, &mut rest).await;
+        assert_eq!(rest, "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    }
+
+    /// Bad commands after the second are answered `error_delay` late each.
+    #[tokio::test]
+    async fn errors_after_the_second_are_answered_late() {
+        let mut f = fixture(false, false);
+        let ctx = Arc::get_mut(&mut f.ctx).unwrap();
+        ctx.tls = None;
+        ctx.error_delay = Duration::from_millis(100);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let ctx = f.ctx.clone();
+        let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
+        let mut client = BufReader::new(client);
+        assert!(reply(&mut client).await.starts_with("220 "));
+        let started = Instant::now();
+        client.get_mut().write_all(b"FOO\r\nBAR\r\n").await.unwrap();
+        reply(&mut client).await;
+        reply(&mut client).await;
+        assert!(started.elapsed() < Duration::from_millis(90), "the first two are free");
+        // the rest of the session's ten, pipelined: eight delays, then the 421
+        client.get_mut().write_all("BAZ\r\n".repeat(8).as_bytes()).await.unwrap();
+        let mut rest = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut client, &mut rest).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(3), "{took:?}");
+        assert!(rest.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"), "{rest}");
+        assert_eq!(task.await.unwrap(), CloseCause::Server("too_many_errors"));
     }
 }

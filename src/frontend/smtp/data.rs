@@ -16,6 +16,10 @@ pub enum DataFault {
     },
     LineTooLong,
     TooLarge,
+    /// The header section passed `max_header_size` (or `max_header_lines` when `lines`).
+    HeaderTooLarge {
+        lines: bool,
+    },
 }
 
 impl DataFault {
@@ -24,6 +28,7 @@ impl DataFault {
             DataFault::Bare { .. } => Reason::BareLf,
             DataFault::LineTooLong => Reason::LineTooLong,
             DataFault::TooLarge => Reason::TooLarge,
+            DataFault::HeaderTooLarge { .. } => Reason::HeaderTooLarge,
         }
     }
 }
@@ -50,6 +55,13 @@ pub struct DataReceiver {
     mid_line: bool,
     /// The last consumed byte of a partially consumed line was CR.
     tail_cr: bool,
+    /// Still in the header section (no empty line yet), and its size so far.
+    in_header: bool,
+    header_bytes: usize,
+    header_lines: usize,
+    /// `max_header_size` and `max_header_lines`: checked as the header arrives, so a header
+    /// flood is thrown away as it comes instead of being kept to the end of DATA.
+    max_header: (usize, usize),
 }
 
 impl DataReceiver {
@@ -65,7 +77,18 @@ impl DataReceiver {
             prev_crlf: true,
             mid_line: false,
             tail_cr: false,
+            in_header: true,
+            header_bytes: 0,
+            header_lines: 0,
+            max_header: (usize::MAX, usize::MAX),
         }
+    }
+
+    /// Limits the header section: bytes (CRLFs included) and lines (continuation lines
+    /// included). Default: none.
+    pub fn with_header_limits(mut self, max_bytes: usize, max_lines: usize) -> Self {
+        self.max_header = (max_bytes, max_lines);
+        self
     }
 
     /// Consumes complete lines from `input`. A trailing partial line is left for the next call
@@ -120,6 +143,9 @@ impl DataReceiver {
         }
         let stuffed = line[0] == b'.';
         let payload = if stuffed { &line[1..] } else { line };
+        if self.in_header {
+            self.header_line(payload);
+        }
         self.received += payload.len() as u64;
         if self.received > self.max_size {
             self.note(DataFault::TooLarge);
@@ -128,6 +154,22 @@ impl DataReceiver {
             self.body.extend_from_slice(payload);
         }
         false
+    }
+
+    /// Counts one line of the header section; an empty line ends it.
+    fn header_line(&mut self, payload: &[u8]) {
+        if payload == b"\r\n" || payload == b"\n" {
+            self.in_header = false;
+            return;
+        }
+        self.header_bytes += payload.len();
+        self.header_lines += 1;
+        let (max_bytes, max_lines) = self.max_header;
+        if self.header_bytes > max_bytes {
+            self.note(DataFault::HeaderTooLarge { lines: false });
+        } else if self.header_lines > max_lines {
+            self.note(DataFault::HeaderTooLarge { lines: true });
+        }
     }
 
     fn finish_long_line(&mut self, rest: &[u8]) {
@@ -254,6 +296,23 @@ mod tests {
         let mut r = DataReceiver::new(Vec::new(), 10, 1000);
         r.feed(b"123456789\r\n.\r\n");
         assert_eq!(r.finish(), Err(DataFault::TooLarge));
+    }
+
+    #[test]
+    fn header_limits_apply_to_the_header_section_only() {
+        let feed = |input: &[u8], bytes, lines| {
+            let mut r = DataReceiver::new(Vec::new(), 1 << 20, 1000).with_header_limits(bytes, lines);
+            assert!(matches!(r.feed(input), DataProgress::Done { .. }));
+            r.finish()
+        };
+        let msg = b"A: 1\r\nB: 2\r\n 3\r\n\r\nbody line one\r\nbody line two\r\n.\r\n";
+        // 3 lines, 16 bytes of header; the body does not count
+        assert!(feed(msg, 16, 3).is_ok());
+        assert_eq!(feed(msg, 15, 3), Err(DataFault::HeaderTooLarge { lines: false }));
+        assert_eq!(feed(msg, 16, 2), Err(DataFault::HeaderTooLarge { lines: true }));
+        // a dot-stuffed header line counts unstuffed; no empty line: everything is header
+        assert!(feed(b"..A: 1\r\n.\r\n", 7, 1).is_ok());
+        assert_eq!(feed(b"A: 1\r\nno empty line\r\n.\r\n", 10, 10), Err(DataFault::HeaderTooLarge { lines: false }));
     }
 
     #[test]

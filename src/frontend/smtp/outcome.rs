@@ -4,8 +4,10 @@
 use super::data::DataFault;
 use super::session::{Event, Session, State};
 use crate::auth::MessageCheck;
+use crate::gate;
 use crate::gate::auth as auth_policy;
 use crate::gate::message::{self, MessageContext, RcptOutcome};
+use crate::gate::mime::Violation;
 use crate::gate::verdict::{Reason, Reply, Verdict};
 use crate::job::{Envelope, MessageInfo};
 use crate::reject::{Action, Stage};
@@ -35,6 +37,11 @@ impl Session {
         self.stats.messages += 1;
         let raw = match rx.finish() {
             Ok(raw) => raw,
+            Err(DataFault::HeaderTooLarge { lines }) => {
+                let (reason, reply) = gate::content_refusal(header_violation(lines));
+                self.refuse_content(Verdict::Reject { reason, reply }, out);
+                return None;
+            }
             Err(fault) => {
                 let reply = fault_reply(fault);
                 self.log_entry(
@@ -53,10 +60,30 @@ impl Session {
                 return None;
             }
         };
+        // Before anything parses the message (sender authentication, the gate, the reply text):
+        // the size of its header and its MIME structure, as the client sent it.
+        let verdict = self.gate.check_structure(raw.get(self.trace_len..).unwrap_or_default());
+        if verdict != Verdict::Accept {
+            self.refuse_content(verdict, out);
+            return None;
+        }
         match self.request_message_check(raw) {
             Ok(event) => Some(event),
             Err(raw) => self.decide_and_store(raw, None, out).map(Event::Store),
         }
+    }
+
+    /// A message over a content limit (`header_too_large`, `mime_too_complex`): refused like a
+    /// protocol fault in the session; after the queue a discard, as Postfix has no such limits
+    /// to refuse it first and would bounce our refusal to a possibly forged sender.
+    fn refuse_content(&mut self, verdict: Verdict, out: &mut Vec<u8>) {
+        let verdict = if self.cfg.after_queue { verdict.after_queue() } else { verdict };
+        let (action, reply, reason) = verdict_reply(&verdict);
+        self.log_entry(Stage::Data, action, &reply, reason, Vec::new(), String::new(), String::new());
+        for _ in 0..self.reply_count() {
+            reply.write_to(out);
+        }
+        self.reset();
     }
 
     /// Decides the message (with the authentication results, when checks ran) and returns what
@@ -250,5 +277,10 @@ fn fault_reply(fault: DataFault) -> Reply {
         DataFault::Bare { cr: true } => Reply::new(550, "5.5.2", "Error: bare <CR> received"),
         DataFault::LineTooLong => Reply::new(500, "5.5.2", "Error: text line too long"),
         DataFault::TooLarge => Reply::new(552, "5.3.4", "Error: message file too big"),
+        DataFault::HeaderTooLarge { lines } => gate::content_refusal(header_violation(lines)).1,
     }
+}
+
+fn header_violation(lines: bool) -> Violation {
+    if lines { Violation::HeaderLines } else { Violation::HeaderSize }
 }

@@ -192,6 +192,11 @@ impl Session {
         Reply::new(220, "", format!("{} {kind} mailgate", self.cfg.hostname)).write_to(out);
     }
 
+    /// Errors counted toward `max_errors` so far.
+    pub fn errors(&self) -> u32 {
+        self.errors
+    }
+
     /// Part of a command line was consumed (an over-long line being thrown away).
     pub fn mid_line(&self) -> bool {
         self.discarding_line
@@ -320,7 +325,7 @@ impl Session {
                     ParseError::InvalidRecipientAddress => Reply::new(501, "5.1.3", "Bad recipient address syntax"),
                     ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
                     ParseError::InvalidParameter { param } => {
-                        Reply::new(501, "5.5.4", format!("Invalid parameter {}", echoed(&param)))
+                        Reply::new(501, "5.5.4", format!("Invalid parameter {}", echoed(param)))
                     }
                     ParseError::UnsupportedParameter { param } => {
                         Reply::new(555, "5.5.4", format!("Unsupported parameter {}", echoed(&param)))
