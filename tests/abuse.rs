@@ -316,13 +316,21 @@ fn connections_per_ip() {
     }
     let mut over = Raw::connect(g.port);
     assert_eq!(over.reply(), "421 4.7.0 mx.test Error: too many connections from your address\r\n");
-    // a slot freed is a slot for the next connection
+    // a slot freed is a slot for the next connection (once the server has seen the close: on
+    // a loaded machine that can take a moment, and each early try is one more refusal)
     drop(held.pop());
-    thread::sleep(Duration::from_millis(200));
-    let mut next = Raw::connect(g.port);
-    assert!(next.reply().starts_with("220 "));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut next = loop {
+        let mut c = Raw::connect(g.port);
+        if c.reply().starts_with("220 ") {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "the freed slot was never given out");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let _ = &mut next;
     let entries = g.rejects("too_many_connections");
-    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(!entries.is_empty(), "{entries:?}");
     assert_eq!(entries[0]["client_ip"], "127.0.0.1");
     assert_eq!(entries[0]["text"], "mx.test Error: too many connections from your address");
     drop(held);
