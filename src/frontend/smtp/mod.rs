@@ -10,6 +10,10 @@ pub mod xforward;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;
+#[cfg(test)]
+mod tests_tls;
 
 pub use conn::{ConnContext, run};
 pub use outcome::StoreRequest;

@@ -17,6 +17,9 @@ use crate::gate::verdict::{Reason, Reply, Verdict};
 use crate::job::TlsInfo;
 use crate::reject::{Action, RejectEntry, Stage};
 
+mod log;
+mod starttls;
+
 /// Per-listener settings of a session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -155,36 +158,6 @@ impl Session {
             tls_policy: TlsPolicy::default(),
             tls: None,
         }
-    }
-
-    /// Sets the listener's TLS policy (default: no TLS).
-    pub fn set_tls_policy(&mut self, policy: TlsPolicy) {
-        self.tls_policy = policy;
-    }
-
-    /// The TLS handshake succeeded (after STARTTLS, or before the greeting with implicit TLS).
-    /// The session starts over (RFC 3207 4.2): HELO/EHLO, the transaction and XFORWARD
-    /// attributes are forgotten; the client must send EHLO again.
-    pub fn tls_started(&mut self, info: TlsInfo) {
-        self.tls = Some(info);
-        self.helo = None;
-        self.proto = "SMTP";
-        self.reset();
-        self.discarding_line = false;
-        if matches!(self.state, State::WaitTls) {
-            self.state = State::Command;
-        }
-    }
-
-    /// The connection's TLS, once established.
-    pub fn tls(&self) -> Option<&TlsInfo> {
-        self.tls.as_ref()
-    }
-
-    /// The TLS of the original client's connection: ours, unless XFORWARD says the client is
-    /// someone behind the peer (whose TLS we do not know).
-    pub(super) fn client_tls(&self) -> Option<&TlsInfo> {
-        if self.fwd.seen { None } else { self.tls.as_ref() }
     }
 
     pub fn greeting(&self, out: &mut Vec<u8>) {
@@ -414,20 +387,6 @@ impl Session {
         }
     }
 
-    /// STARTTLS is offered until TLS is up, on SMTP listeners with a certificate.
-    fn offers_starttls(&self) -> bool {
-        self.tls_policy.starttls && self.tls.is_none() && !self.cfg.lmtp
-    }
-
-    fn starttls(&mut self, out: &mut Vec<u8>) {
-        if self.txn.is_some() {
-            self.bad(out, Reason::BadCommand, Reply::new(503, "5.5.1", "Error: MAIL transaction in progress"));
-            return;
-        }
-        Reply::new(220, "2.0.0", "Ready to start TLS").write_to(out);
-        self.state = State::WaitTls;
-    }
-
     fn xforward(&mut self, args: &str, out: &mut Vec<u8>) {
         if !self.peer.trusted {
             let reply = Reply::new(550, "5.7.0", "Error: insufficient authorization");
@@ -587,62 +546,6 @@ impl Session {
         reply.write_to(out);
         self.close_cause = Some("shutdown");
         self.state = State::Closed;
-    }
-
-    /// Queues a reject-log entry with the session's context.
-    pub(super) fn log(&mut self, action: Action, reply: &Reply, reason: Reason, rcpt_to: Vec<String>) {
-        self.log_entry(self.stage(), action, reply, reason, rcpt_to, String::new(), String::new());
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn log_entry(
-        &mut self,
-        stage: Stage,
-        action: Action,
-        reply: &Reply,
-        reason: Reason,
-        rcpt_to: Vec<String>,
-        message_id: String,
-        subject: String,
-    ) {
-        self.stats.refusals += 1;
-        let rcpt_to = if rcpt_to.is_empty() {
-            self.txn.as_ref().map(|t| t.rcpts.iter().map(|r| r.address.clone()).collect()).unwrap_or_default()
-        } else {
-            rcpt_to
-        };
-        self.rejects.push(RejectEntry {
-            at: time::OffsetDateTime::now_utc(),
-            stage,
-            action,
-            code: reply.code,
-            enhanced: reply.enhanced.to_string(),
-            reason,
-            text: reply.text.clone(),
-            client_ip: self.client_ip(),
-            helo: self.client_helo(),
-            mail_from: self.txn.as_ref().map(|t| t.mail_from.clone()).unwrap_or_default(),
-            rcpt_to,
-            message_id,
-            subject,
-            listener: self.cfg.listener.to_string(),
-        });
-    }
-
-    /// The original client's HELO. After XFORWARD the relay's own LHLO/EHLO name is not the
-    /// client's: forwarded and local session data are never mixed (XFORWARD_README).
-    pub fn client_helo(&self) -> String {
-        if self.fwd.seen { self.fwd.helo.clone().unwrap_or_default() } else { self.helo.clone().unwrap_or_default() }
-    }
-
-    /// The original client's address: XFORWARD's from a trusted peer, else the socket peer.
-    pub fn client_ip(&self) -> String {
-        match (&self.fwd.addr, self.fwd.seen) {
-            (Some(addr), _) => addr.clone(),
-            // XFORWARD without ADDR: the client is unknown; the peer is only the relay
-            (None, true) => String::new(),
-            (None, false) => self.peer.ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        }
     }
 }
 
