@@ -147,6 +147,11 @@ fn good_client(port: u16, n: usize) -> Latency {
         samples.push(t.elapsed());
         assert!(r.starts_with("250 2.0.0 Ok: queued as "), "good client: {r}");
     }
+    // leave no session behind: the next step of a test may count the server's connections
+    if let Some(mut last) = c {
+        assert!(last.cmd("QUIT").starts_with("221"));
+        last.read_to_end();
+    }
     Latency { samples }
 }
 
@@ -285,9 +290,20 @@ fn idle_connections() {
     under_abuse("idle", g.port, &baseline, |_| Vec::new());
 
     // the rest up to max_connections, then one too many
-    let mut more: Vec<Raw> = (IDLE..1010).map(|_| Raw::connect(g.port)).collect();
-    for c in &mut more {
-        assert!(c.reply().starts_with("220 "));
+    // (a good client's closed session may hold its slot a moment longer on a loaded machine: a
+    // refusal then is retried, and the reject log is checked for the last refusal only)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut more = Vec::new();
+    while more.len() < 1010 - IDLE {
+        let mut c = Raw::connect(g.port);
+        let greeting = c.reply();
+        if greeting.starts_with("220 ") {
+            more.push(c);
+            continue;
+        }
+        assert!(greeting.starts_with("421 "), "{greeting}");
+        assert!(Instant::now() < deadline, "connection {} of 1010 never got a slot", IDLE + more.len() + 1);
+        thread::sleep(Duration::from_millis(100));
     }
     let mut over = Raw::connect(g.port);
     assert_eq!(over.reply(), "421 4.7.0 mx.test Error: too many connections\r\n");
@@ -296,8 +312,8 @@ fn idle_connections() {
     assert_eq!(rest, "", "closed after the 421");
     drop((idle, more));
     let entries = g.rejects("too_many_connections");
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!((entries[0]["stage"].as_str(), entries[0]["code"].as_u64()), (Some("connect"), Some(421)));
+    let last = entries.last().unwrap_or_else(|| panic!("no too_many_connections entry"));
+    assert_eq!((last["stage"].as_str(), last["code"].as_u64()), (Some("connect"), Some(421)));
     // once the idle connections are gone, everyone is served again
     thread::sleep(Duration::from_millis(300));
     good_client(g.port, 10);
