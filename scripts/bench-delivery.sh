@@ -36,21 +36,13 @@ done
 work=$(mktemp -d /tmp/mailgate-bench-delivery.XXXXXX)
 pids=()   # every process this script started and has not waited for yet: killed by PID on exit
 
-log() { echo "bench-delivery: $*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-now() { date +%s.%N; }
-forget() { local rest=() x; for x in "${pids[@]:-}"; do [ -n "$x" ] && [ "$x" != "$1" ] && rest+=("$x"); done; pids=("${rest[@]:-}"); }
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; forget "$1"; }
+# log, free_port, wait_port, now, forget, stop_pid, term_pids, wait_pids, write_config
+source scripts/lib-bench.sh
 # machine-wide CPU: "busy total" jiffies so far (busy = all but idle and iowait)
 cpu_snap() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
 busy_pct() { python3 -c "b0,t0,b1,t1=map(float,'$1 $2'.split()); print(round(100*(b1-b0)/max(t1-t0,1)))"; }
 cpu_s() { awk '{printf "%.1f", ($14+$15)/100}' "/proc/$1/stat" 2>/dev/null || echo n/a; }   # utime+stime, USER_HZ=100
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
+cleanup() { term_pids; wait_pids; rm -rf "$work"; }
 trap cleanup EXIT
 
 # --- redis-server: one for the whole script, a new list key per run --------------------------
@@ -73,34 +65,11 @@ deliver_toml() {
   esac
 }
 
-# write_config DIR SMTP_PORT HTTP_PORT DELIVER_TOML: as scripts/bench.sh (authentication off)
-write_config() {
-  cat > "$1/mailgate.toml" <<TOML
-[[listen]]
-protocol = "smtp"
-address = "127.0.0.1:$2"
-[[mailbox]]
-name = "incoming"
-address = "incoming+%{key}@localhost"
-[limits]
-max_connections_per_ip = 1000
-[spool]
-dir = "$1/spool"
-retention = "1h"
-[http]
-listen = "127.0.0.1:$3"
-[auth]
-spf = "off"
-dkim = "off"
-dmarc = "off"
-$4
-TOML
-}
-
 # mg_start DIR DELIVER_TOML: new ports (SMTP, HTTP), starts mailgate (mg_pid), waits for both ports
 mg_start() {
   SMTP=$(free_port); HTTP=$(free_port)
-  write_config "$1" "$SMTP" "$HTTP" "$2"
+  # as scripts/bench.sh (authentication off), spool retention 1h, DELIVER_TOML after [auth]
+  write_config "$1" "$SMTP" "$HTTP" off "" 'retention = "1h"' "$2"
   MAILGATE_LOG=warn $BIN serve --config "$1/mailgate.toml" 2>>"$1/mailgate.log" &
   mg_pid=$!; pids+=("$mg_pid")
   wait_port "$SMTP"; wait_port "$HTTP"
@@ -161,7 +130,7 @@ drain() {
   mg_start "$d" ""
   lg=$($LOADGEN "127.0.0.1:$SMTP" --sessions "$SESSIONS" --messages "$N" --size "$SIZE")
   local icpu; icpu=$(cpu_s "$mg_pid")
-  stop "$mg_pid"
+  stop_pid "$mg_pid"
   sink_start "$kind" "$d"
   local c0 cpu busy; c0=$(cpu_snap)
   t0=$(now)
@@ -170,7 +139,7 @@ drain() {
   t_done=$(tail -1 "$d/stats.txt" | cut -d' ' -f1)
   cpu=$(cpu_s "$mg_pid"); busy=$(busy_pct "$c0" "$(cpu_snap)")
   wait "$sink_pid" || true; forget "$sink_pid"
-  stop "$mg_pid"
+  stop_pid "$mg_pid"
   python3 - "$t0" "$t_done" "$N" "$d/sink.json" "$cpu" "$lg" "$(tail -1 "$d/stats.txt")" "$(log_summary "$d/mailgate.log")" "$busy" "$icpu" <<'PY'
 import sys, json
 t0, t_done, n = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
@@ -199,7 +168,7 @@ concurrent() {
   wait "$spid" || log "concurrent $kind c=$conc: done never reached $N"; forget "$spid"
   cpu=$(cpu_s "$mg_pid"); busy=$(busy_pct "$c0" "$(cpu_snap)")
   wait "$sink_pid" || true; forget "$sink_pid"
-  stop "$mg_pid"
+  stop_pid "$mg_pid"
   python3 - "$d" "$t_end" "$lg" "$(log_summary "$d/mailgate.log")" "$cpu" "$busy" <<'PY'
 import sys, json
 d, t_end, lg = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])

@@ -58,33 +58,22 @@ chmod 755 "$work"   # Postfix's daemons (user postfix) must reach the queue and 
 pids=()             # smtp-sink, mailgate, benchdns, RSS samplers still running: stopped by PID
 pf_dirs=()          # Postfix instances still running: stopped by PID (pf_stop)
 
-log() { echo "bench-matrix: $*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-now() { date +%s.%N; }
-# a private Postfix: alive, main_cf_common, pf_start, pf_stop, poll_discard
+# log, free_port, wait_port, now, rate, machine_desc, forget, stop_pid, wait_pids, source_cmd,
+# benchdns_start, write_config
+source scripts/lib-bench.sh
+# a private Postfix: alive, main_cf_common, pf_start, pf_stop, pf_stop_all, poll_discard
 source scripts/lib-postfix.sh
 
-forget() { # PID: drop it from pids
-  local rest=() x
-  for x in "${pids[@]}"; do [ "$x" != "$1" ] && rest+=("$x"); done
-  pids=("${rest[@]}")
-}
-stop_pid() { # PID: SIGTERM, wait, forget
-  kill -TERM "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-  forget "$1"
-}
 kill_tree() { # PID: SIGTERM to the process's children (a backgrounded shell function's python), then to it
   local c
   for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$c"; done
   kill -TERM "$1" 2>/dev/null || true
 }
 cleanup() {
-  local p d
+  local p
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill_tree "$p"; done
-  for d in "${pf_dirs[@]:-}"; do [ -n "$d" ] && pf_stop "$d"; done
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+  pf_stop_all
+  wait_pids
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -93,37 +82,9 @@ trap 'exit 130' INT TERM   # run cleanup (EXIT) on a signal too
 is_root=0; [ "$(id -u)" = 0 ] && is_root=1
 sink_user=$([ $is_root = 1 ] && echo "-u nobody" || echo "")
 
-source_cmd() { echo "$SRC -c -d -s $2 -m $3 -l $1 -f a@example.org -t $RCPT 127.0.0.1:$4"; }   # SIZE S M PORT
 loadgen_cmd() { echo "$LOADGEN 127.0.0.1:$4 --sessions $2 --messages $3 --size $1 --from $LG_FROM --rcpt $RCPT --dkim ed25519"; }
 
 # --- servers ----------------------------------------------------------------------------------
-
-# write_config DIR SMTP_PORT HTTP_PORT AUTH: bench.sh's mailgate config, mailbox on $DOMAIN;
-# AUTH is "off" or a DNS address
-write_config() {
-  local auth
-  if [ "$4" = off ]; then auth='spf = "off"
-dkim = "off"
-dmarc = "off"'; else auth="nameservers = [\"$4\"]"; fi
-  cat > "$1/mailgate.toml" <<TOML
-[server]
-hostname = "$DOMAIN"
-[[listen]]
-protocol = "smtp"
-address = "127.0.0.1:$2"
-[[mailbox]]
-name = "incoming"
-address = "incoming+%{key}@$DOMAIN"
-[limits]
-max_connections_per_ip = 1000
-[spool]
-dir = "$1/spool"
-[http]
-listen = "127.0.0.1:$3"
-[auth]
-$auth
-TOML
-}
 
 PF_CF="transport_maps = inline:{ $DOMAIN=discard: }
 smtpd_recipient_restrictions = reject_unauth_destination
@@ -146,7 +107,8 @@ start_server() {
       SPID=$(tr -d ' \n' < "$d/queue/pid/master.pid") ;;
     mg-off|mg-on)
       HTTP=$(free_port)
-      write_config "$d" "$PORT" "$HTTP" "$([ "$kind" = mg-off ] && echo off || echo "$DNS")"
+      # bench.sh's mailgate config, mailbox (and [server] hostname) on $DOMAIN
+      write_config "$d" "$PORT" "$HTTP" "$([ "$kind" = mg-off ] && echo off || echo "$DNS")" "$DOMAIN"
       MAILGATE_LOG=warn $BIN serve --config "$d/mailgate.toml" 2>"$d/mailgate.log" &
       SPID=$!; pids+=("$SPID"); wait_port "$PORT"; wait_port "$HTTP" ;;
   esac
@@ -227,7 +189,7 @@ measure() {
   fi
   rc=0
   t0=$(now); $(source_cmd "$size" "$s" "$m" "$PORT") >/dev/null 2>"$d/source.err" || rc=$?; t1=$(now)
-  rate=$(python3 -c "print(round($m/($t1-$t0)))")
+  rate=$(rate "$m" "$t0" "$t1")
   serr=$(grep -c . "$d/source.err" || true)
   [ "$rc" != 0 ] && [ "$serr" = 0 ] && serr=1
   [ "$serr" != 0 ] && { log "$kind $size B x$s: smtp-source exit $rc:"; head -5 "$d/source.err" >&2; cp "$d/source.err" "$work/source-errors-$kind-$size-$s-$run"; }
@@ -274,9 +236,7 @@ print('nan' if math.isnan(t) else round($m/(t-$t0)))")
 
 # --- run -----------------------------------------------------------------------------------------
 
-"$BENCHDNS" > "$work/dns.addr" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/dns.addr" ] && break; sleep 0.05; done
+benchdns_start "$work/dns.addr"
 DNS=$(head -1 "$work/dns.addr")
 
 kinds="sink postfix mg-off mg-on"
@@ -355,7 +315,7 @@ PY
 
 pf_extra=$(awk '$1=="postfix"{split($14,a,","); printf "%s%s B x%s run %s: delivered %s msg/s, PSS %d MiB, smtpd VmHWM %d MiB, %s processes", (n++?"; ":""), $2, $3, $4, $13, a[1]/1024, a[2]/1024, a[3]}' "$work/results")
 raw=$(awk '{printf "%s%s %s B x%s run %s: %s", (n++?"; ":""), $1, $2, $3, $4, $5}' "$work/results")
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+machine=$(machine_desc)
 pf_version=$(postconf -d mail_version 2>/dev/null | sed 's/.*= //' || echo "?")
 hide_ports() { sed -e 's/127\.0\.0\.1:[0-9]\{2,5\}"/127.0.0.1:PORT"/' -e "s|dir = \".*\"|dir = \"/tmp/DIR/spool\"|" -e "s|nameservers = \[\".*\"\]|nameservers = [\"127.0.0.1:DNS\"]|"; }
 
@@ -364,7 +324,7 @@ cat <<EOF
 
 Written by scripts/bench-matrix.sh on $(date -u +%Y-%m-%d) in $((total / 60)) min $((total % 60)) s; $RUNS run(s) per cell
 (median msg/s and latency, largest RSS, errors summed), every run on fresh server instances.
-Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(uname -sr); $(rustc --version 2>/dev/null || echo "rustc ?");
+Machine: $machine; $(rustc --version 2>/dev/null || echo "rustc ?");
 Postfix $pf_version. Load average (1, 5, 15 min) at the start: $load_start; at the end: $load_end.
 Load generators and servers share the cores (and anything else running on the machine): compare the
 ratios, not the absolute numbers, and take single runs (RUNS=1) as indications only.

@@ -37,13 +37,11 @@ fi
 work=$(mktemp -d /tmp/mailgate-bench-postfix.XXXXXX)
 chmod 755 "$work"   # Postfix's daemons (user postfix) must reach the queue and log paths
 pf_dirs=()          # Postfix instances still running: stopped by PID in cleanup
-mg_pids=()          # mailgate processes still running
+pids=()             # mailgate processes still running
 
-log() { echo "bench-postfix: $*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-now() { date +%s.%N; }
-# a private Postfix: alive, main_cf_common, pf_start, pf_stop, poll_discard
+# log, free_port, wait_port, now, stop_pid, term_pids, wait_pids, source_cmd
+source scripts/lib-bench.sh
+# a private Postfix: alive, main_cf_common, pf_start, pf_stop, pf_stop_all, poll_discard
 source scripts/lib-postfix.sh
 
 # --- mailgate in mode A ---------------------------------------------------------------------
@@ -84,22 +82,14 @@ dmarc = "off"
 TOML
   MAILGATE_LOG=warn $BIN serve --config "$d/mailgate.toml" 2>"$d/mailgate.log" &
   mg_pid=$!
-  mg_pids+=("$mg_pid")
+  pids+=("$mg_pid")
   wait_port "$LMTP"; wait_port "$POLICY"; wait_port "$HTTP"
 }
 
-mg_stop() { # PID: SIGTERM, wait
-  kill -TERM "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-  local rest=()
-  for x in "${mg_pids[@]}"; do [ "$x" != "$1" ] && rest+=("$x"); done
-  mg_pids=("${rest[@]}")
-}
-
 cleanup() {
-  for p in "${mg_pids[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true; done
-  for d in "${pf_dirs[@]:-}"; do [ -n "$d" ] && pf_stop "$d"; done
-  for p in "${mg_pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+  term_pids
+  pf_stop_all
+  wait_pids
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -122,8 +112,6 @@ print(f"nan {ready}"); sys.exit(1)
 PY
 }
 
-source_cmd() { echo "$SRC -c -d -s $SESSIONS -m $PF_MESSAGES -l $SIZE -f a@example.org -t $RCPT 127.0.0.1:$1"; }
-
 # timed_source PORT POLLER ARGS...: runs smtp-source with the poller in the background;
 # prints "delivered_msg_per_s accepted_msg_per_s" (delivery: start of smtp-source to the
 # poller's completion time; accepted: smtp-source's own run time).
@@ -134,7 +122,7 @@ timed_source() {
   $poller "$@" > "$out" &
   local ppid=$!
   trap 'kill "$ppid" 2>/dev/null || true' EXIT   # this runs in a $(...) subshell: its own trap
-  t0=$(now); $(source_cmd "$port") >/dev/null 2>&1; t1=$(now)
+  t0=$(now); $(source_cmd "$SIZE" "$SESSIONS" "$PF_MESSAGES" "$port") >/dev/null 2>&1; t1=$(now)
   wait "$ppid" || true
   done_at=$(cut -d' ' -f1 < "$out")
   python3 -c "
@@ -196,7 +184,7 @@ smtpd_recipient_restrictions = reject_unauth_destination"
   read -r r a <<<"$(timed_source "$port" poll_ready "$HTTP" "$PF_MESSAGES")"
   modea_rates+=("$r"); modea_acc+=("$a")
   log "run $run: mode A $r msg/s into mailgate's queue ($a msg/s accepted by Postfix)"
-  pf_stop "$d/pf"; mg_stop "$mg_pid"; rm -rf "$d"
+  pf_stop "$d/pf"; stop_pid "$mg_pid"; rm -rf "$d"
 
   # 3. latency: examples/loadgen.rs through Postfix in mode A, fresh instances, the loads in turn
   d="$work/lat$run"; mg_start "$d/mg"; port=$(free_port)
@@ -217,7 +205,7 @@ smtpd_recipient_restrictions = reject_unauth_destination"
     lat_raw[$load]+="$p50/$p99 ($n; $lrate, $lp50/$lp99); "
     log "run $run: load $load: latency p50 $p50 ms, p99 $p99 ms over $n messages; Postfix accepted $lrate msg/s"
   done
-  pf_stop "$d/pf"; mg_stop "$mg_pid"
+  pf_stop "$d/pf"; stop_pid "$mg_pid"
   [ "$run" = "$RUNS" ] || rm -rf "$d"   # the last run's mailgate.toml is shown below
 done
 
@@ -267,7 +255,7 @@ done)
 Commands (PORT, LMTP, POLICY: free loopback ports of each run; FILE: a temp file):
 
 \`\`\`
-$(source_cmd PORT)
+$(source_cmd "$SIZE" "$SESSIONS" "$PF_MESSAGES" PORT)
 $(for load in $PF_LAT_LOADS; do echo "$LOADGEN 127.0.0.1:PORT --sessions ${load%x*} --messages ${load#*x} --size $SIZE --from a@example.org --rcpt $RCPT --times FILE"; done)
 \`\`\`
 

@@ -16,46 +16,19 @@ LOADGEN=target/release/examples/loadgen
 SRC=$(command -v smtp-source || echo /usr/sbin/smtp-source)
 SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 
+# free_port, wait_port, now, rate, machine_desc, term_pids, source_cmd, benchdns_start, write_config
+source scripts/lib-bench.sh
+
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { term_pids; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-now() { date +%s.%N; }
-rate() { python3 -c "print(round($1/($3-$2)))"; }
 median() { python3 -c "import statistics,sys; print(int(statistics.median([float(x) for x in sys.argv[1:]])))" "$@"; }
-
-# write_config DIR SMTP_PORT HTTP_PORT AUTH: a mailgate config; AUTH is "off" or a DNS address
-write_config() {
-  local auth
-  if [ "$4" = off ]; then auth='spf = "off"
-dkim = "off"
-dmarc = "off"'; else auth="nameservers = [\"$4\"]"; fi
-  cat > "$1/mailgate.toml" <<TOML
-[[listen]]
-protocol = "smtp"
-address = "127.0.0.1:$2"
-[[mailbox]]
-name = "incoming"
-address = "incoming+%{key}@localhost"
-[limits]
-max_connections_per_ip = 1000
-[spool]
-dir = "$1/spool"
-[http]
-listen = "127.0.0.1:$3"
-[auth]
-$auth
-TOML
-}
-
-source_cmd() { echo "$SRC -c -d -s $SESSIONS -m $MESSAGES -l $SIZE -f a@example.org -t $RCPT 127.0.0.1:$1"; }
 
 run_source() { # port -> msg/s
   local t0 t1
-  t0=$(now); $(source_cmd "$1") >/dev/null 2>&1; t1=$(now)
+  t0=$(now); $(source_cmd "$SIZE" "$SESSIONS" "$MESSAGES" "$1") >/dev/null 2>&1; t1=$(now)
   rate "$MESSAGES" "$t0" "$t1"
 }
 
@@ -63,7 +36,7 @@ run_source() { # port -> msg/s
 sink_port=$(free_port)
 sink_user=$( [ "$(id -u)" = 0 ] && echo "-u nobody" || echo "")
 $SINK $sink_user -c "127.0.0.1:$sink_port" 1000 >/dev/null 2>&1 &
-pids+=($!); wait_port "$sink_port"
+pids+=($!); wait_port "$sink_port" 300
 sink_rates=()
 for _ in $(seq 1 "$RUNS"); do sink_rates+=("$(run_source "$sink_port")"); done
 kill "${pids[-1]}" 2>/dev/null || true
@@ -76,7 +49,7 @@ for run in $(seq 1 "$RUNS"); do
   dir="$work/run$run"; mkdir -p "$dir"
   write_config "$dir" "$smtp" "$http" off   # intake alone; authentication is measured below
   MAILGATE_LOG=warn $BIN serve --config "$dir/mailgate.toml" 2>"$dir/log" &
-  pid=$!; pids+=($pid); wait_port "$smtp"
+  pid=$!; pids+=($pid); wait_port "$smtp" 300
   mg_rates+=("$(run_source "$smtp")")
   lg_json+=("$($LOADGEN "127.0.0.1:$smtp" --sessions "$SESSIONS" --messages "$MESSAGES" --size "$SIZE")")
   rss=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
@@ -87,16 +60,14 @@ done
 # --- sender authentication: the same DKIM-signed load (Ed25519, From alice@bench.test), with
 # SPF+DKIM+DMARC off and on; records served by a loopback DNS server (examples/benchdns.rs).
 BENCHDNS=target/release/examples/benchdns
-$BENCHDNS > "$work/dns.addr" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/dns.addr" ] && break; sleep 0.05; done
+benchdns_start "$work/dns.addr"
 dns=$(head -1 "$work/dns.addr")
 auth_run() { # off|on -> loadgen JSON
   local smtp http dir pid
   smtp=$(free_port); http=$(free_port); dir="$work/auth-$1-$RANDOM"; mkdir -p "$dir"
   write_config "$dir" "$smtp" "$http" "$([ "$1" = off ] && echo off || echo "$dns")"
   MAILGATE_LOG=warn $BIN serve --config "$dir/mailgate.toml" 2>"$dir/log" &
-  pid=$!; pids+=($pid); wait_port "$smtp"
+  pid=$!; pids+=($pid); wait_port "$smtp" 300
   $LOADGEN "127.0.0.1:$smtp" --sessions "$SESSIONS" --messages "$MESSAGES" --size "$SIZE" --from alice@bench.test --dkim ed25519
   kill -TERM "$pid"; wait "$pid" || true
 }
@@ -132,14 +103,14 @@ RUNS=${MATRIX_RUNS:-1} scripts/bench-matrix.sh > "$work/matrix.md" ||
 SESSIONS=$SESSIONS SIZE=$SIZE scripts/bench-delivery.sh > "$work/delivery.md" ||
   printf '## Delivery\n\nNot measured: scripts/bench-delivery.sh failed.\n' > "$work/delivery.md"
 
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+machine=$(machine_desc)
 {
   echo "# Benchmarks"
   echo
   echo "Written by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d). Every number is the median of $RUNS runs in the same invocation;"
   echo "both cores are shared by the load generator and the server, so compare the ratios, not the absolute numbers."
   echo
-  echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(uname -sr); $(rustc --version)."
+  echo "Machine: $machine; $(rustc --version)."
   echo
   echo "## Intake: $SESSIONS sessions, $MESSAGES messages of $SIZE bytes"
   echo
@@ -168,7 +139,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo
   echo '```'
   echo "$SINK $sink_user -c 127.0.0.1:PORT 1000"
-  echo "$(source_cmd PORT)"
+  echo "$(source_cmd "$SIZE" "$SESSIONS" "$MESSAGES" PORT)"
   echo "$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $MESSAGES --size $SIZE"
   echo "$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $MESSAGES --size $SIZE --from alice@bench.test --dkim ed25519"
   echo '```'

@@ -3,7 +3,7 @@
 # Source it after `cd` to the repository root. The caller provides:
 #   DOMAIN    the domain Postfix relays (relay_domains) and the transport maps route
 #   pf_dirs   an array (pf_dirs=()): pf_start appends each instance's DIR, pf_stop removes it;
-#             the caller's EXIT trap runs pf_stop on whatever is left
+#             the caller's EXIT trap runs pf_stop_all on whatever is left
 #   TIMEOUT   seconds poll_discard waits
 # Only functions are defined here; nothing runs.
 
@@ -78,6 +78,12 @@ pf_stop() {
   local rest=()
   for x in "${pf_dirs[@]}"; do [ "$x" != "$d" ] && rest+=("$x"); done
   pf_dirs=("${rest[@]}")
+}
+
+pf_stop_all() { # pf_stop on every instance still in pf_dirs (the EXIT trap)
+  local d
+  for d in "${pf_dirs[@]:-}"; do [ -n "$d" ] && pf_stop "$d"; done
+  return 0
 }
 
 # poll_discard LOG N: N `status=sent` lines from Postfix's discard agent (read incrementally)
