@@ -10,6 +10,7 @@
 
 use std::sync::LazyLock;
 
+use memchr::memmem;
 use regex::{Regex, RegexSet};
 
 /// Longer lines are text (or quote, delimiter, empty): no marker or header is this long.
@@ -153,7 +154,7 @@ static HEADERS: LazyLock<RegexSet> = LazyLock::new(|| {
 static SIGNATURES: LazyLock<RegexSet> = LazyLock::new(|| {
     set(&[
         r"(?i)^[{B}]*[(<]*Sent (?:from|via|with|by|using) .+",
-        r"(?i)^[{B}]*\w+ from mobile",
+        r"(?i)^[{B}]*\w{1,30} from mobile",
         r"(?i)^[{B}]*From my .{1,20}$",
         r"(?i)^[{B}]*Get Outlook for ",
         r"(?i)^[{B}]*Envoyé (?:depuis|de|avec) ",
@@ -180,6 +181,10 @@ static MARKDOWN_LINK: LazyLock<Regex> = LazyLock::new(|| one(r"\[([^\]]+)\]\([^)
 /// Starts of the "On <date> … wrote:" forms, which clients wrap over several lines.
 static MARKER_START: LazyLock<Regex> =
     LazyLock::new(|| one(r"(?i)^[{B}<>-]*(?:On|At|In message|Le|Am|Il|Op|Em|El|Dnia|Dňa|W\s+dniu|Den|在)\s"));
+
+static FIND_LINK: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new("]("));
+static FIND_WIDE_COLON: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new("："));
+static FIND_DASHES: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new("--"));
 
 fn is_blank(c: char) -> bool {
     c.is_whitespace() || c == '\u{200B}' || c == '\u{FEFF}'
@@ -208,19 +213,29 @@ fn is_quote(line: &str) -> bool {
 }
 
 fn is_signature(line: &str) -> bool {
-    if line.chars().count() > MAX_SIGNATURE_CHARS * 3 {
+    // (bytes >= chars: the count is only needed for long lines)
+    if line.len() > MAX_SIGNATURE_CHARS * 3 && line.chars().count() > MAX_SIGNATURE_CHARS * 3 {
         return false;
     }
-    let stripped = if line.contains("](") { MARKDOWN_LINK.replace_all(line, "$1") } else { line.into() };
+    let stripped =
+        if FIND_LINK.find(line.as_bytes()).is_some() { MARKDOWN_LINK.replace_all(line, "$1") } else { line.into() };
     stripped.trim_matches(is_blank).chars().count() <= MAX_SIGNATURE_CHARS && SIGNATURES.is_match(&stripped)
 }
 
-fn is_embedded(line: &str) -> bool {
-    MARKERS.is_match(line) || (line.bytes().any(|b| b.is_ascii_digit()) && DATED_MARKERS.is_match(line))
+/// Every undated marker and every header has a colon (ASCII or full-width) or a `--` run: a
+/// cheap test that spares most lines of prose the regexes.
+fn has_colon_or_dashes(line: &str) -> bool {
+    let b = line.as_bytes();
+    memchr::memchr(b':', b).is_some() || FIND_WIDE_COLON.find(b).is_some() || FIND_DASHES.find(b).is_some()
 }
 
-fn is_header(line: &str) -> bool {
-    HEADERS.is_match(line)
+fn is_embedded(line: &str, colon_or_dashes: bool) -> bool {
+    (colon_or_dashes && MARKERS.is_match(line))
+        || (line.bytes().any(|b| b.is_ascii_digit()) && DATED_MARKERS.is_match(line))
+}
+
+fn is_header(line: &str, colon_or_dashes: bool) -> bool {
+    colon_or_dashes && HEADERS.is_match(line)
 }
 
 /// The class of `line`, tested in the gem's order (an empty line is never a delimiter, a
@@ -236,10 +251,11 @@ pub(super) fn classify(line: &str) -> Kind {
         if is_signature(line) {
             return Kind::Signature;
         }
-        if is_embedded(line) {
+        let colon_or_dashes = has_colon_or_dashes(line);
+        if is_embedded(line, colon_or_dashes) {
             return Kind::Embedded;
         }
-        if is_header(line) {
+        if is_header(line, colon_or_dashes) {
             return Kind::Header;
         }
     }

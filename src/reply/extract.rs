@@ -91,5 +91,16 @@ fn cap_text(text: &str) -> Cow<'_, str> {
 /// `\r\n` and lone `\r` become `\n`; a leading byte-order mark goes.
 fn normalize(text: &str) -> String {
     let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
-    if text.contains('\r') { text.replace("\r\n", "\n").replace('\r', "\n") } else { text.to_string() }
+    if !text.contains('\r') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split('\r').peekable();
+    while let Some(part) = lines.next() {
+        out.push_str(part);
+        if lines.peek().is_some() && !lines.peek().is_some_and(|next| next.starts_with('\n')) {
+            out.push('\n');
+        }
+    }
+    out
 }
