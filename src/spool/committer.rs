@@ -1,8 +1,8 @@
 //! The group committer: the one task that makes the spool durable.
 //!
 //! Writers insert first, then send a request. The committer waits for one request, takes every
-//! request already queued behind it, runs `db.flush()` + `sync_data()` on `<dir>/db` once in
-//! `spawn_blocking`, and answers every waiter of that batch with the same result. Requests that
+//! request already queued behind it, syncs the segment files written since the last commit,
+//! runs `db.flush()` + `sync_data()` on `<dir>/db` once on its own thread, and answers every waiter of that batch with the same result. Requests that
 //! arrive during a flush wait for the next one, whose flush covers their inserts. sled's
 //! `flush_async` is never used (concurrent calls deadlock on 0.34), and the `sync_data` closes
 //! the gap left by sled's `sync_file_range` (no disk cache flush, no metadata).
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::SpoolError;
+use super::segments::Segments;
 
 pub(super) type Waiter = oneshot::Sender<Result<(), SpoolError>>;
 
@@ -27,13 +28,20 @@ pub(super) enum Msg {
 pub(super) struct Committer {
     db: sled::Db,
     file: File,
+    segments: Arc<Segments>,
     rx: mpsc::UnboundedReceiver<Msg>,
     flushes: Arc<AtomicU64>,
 }
 
 impl Committer {
-    pub fn new(db: sled::Db, file: File, rx: mpsc::UnboundedReceiver<Msg>, flushes: Arc<AtomicU64>) -> Self {
-        Committer { db, file, rx, flushes }
+    pub fn new(
+        db: sled::Db,
+        file: File,
+        segments: Arc<Segments>,
+        rx: mpsc::UnboundedReceiver<Msg>,
+        flushes: Arc<AtomicU64>,
+    ) -> Self {
+        Committer { db, file, segments, rx, flushes }
     }
 
     /// Runs on its own thread until the channel closes: no hop through tokio's blocking pool
@@ -45,7 +53,7 @@ impl Committer {
                 batch.push(more);
             }
             tracing::debug!(target: "mailgate::commit", batch = batch.len(), "batch");
-            let result = flush(&self.db, &self.file);
+            let result = self.flush();
             self.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &result {
                 tracing::error!(target: "mailgate::spool", error = %e, batch = batch.len(), "spool commit failed");
@@ -72,13 +80,21 @@ impl Committer {
     }
 }
 
-fn flush(db: &sled::Db, file: &File) -> Result<(), SpoolError> {
-    let t0 = std::time::Instant::now();
-    db.flush()?;
-    let t1 = std::time::Instant::now();
-    file.sync_data()?;
-    tracing::debug!(target: "mailgate::commit", flush_us = (t1 - t0).as_micros() as u64, sync_us = t1.elapsed().as_micros() as u64, "commit");
-    Ok(())
+impl Committer {
+    /// Segments first (the records about to be flushed point into them), then sled; empty
+    /// segments go only once the removal of their last pointer is durable.
+    fn flush(&self) -> Result<(), SpoolError> {
+        let t0 = std::time::Instant::now();
+        let synced = self.segments.sync()?;
+        let t1 = std::time::Instant::now();
+        self.db.flush()?;
+        let t2 = std::time::Instant::now();
+        self.file.sync_data()?;
+        self.segments.after_commit(synced);
+        tracing::debug!(target: "mailgate::commit", segments_us = (t1 - t0).as_micros() as u64,
+            flush_us = (t2 - t1).as_micros() as u64, sync_us = t2.elapsed().as_micros() as u64, "commit");
+        Ok(())
+    }
 }
 
 /// One commit error, given to every waiter of the batch.

@@ -7,7 +7,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::keys::{dedup_value, id_key, now_ms_precision, ref_key, state_key, unix_ms};
 use super::records::StoredJob;
-use super::{NewJob, Spool, SpoolError, StoreOutcome, dedup, raw};
+use super::{NewJob, Spool, SpoolError, StoreOutcome, dedup};
 use crate::job::{JobState, format_id};
 
 /// The ids of one store's jobs while they are pending (see `Inner::pending`); dropping it,
@@ -103,7 +103,7 @@ impl Spool {
             }
         };
         for blob in unused {
-            if let Err(e) = raw::remove(&self.0.raw, blob) {
+            if let Err(e) = self.remove_blob(blob) {
                 tracing::warn!(target: "mailgate::spool", error = %e, blob, "could not remove an unused blob");
             }
         }
@@ -119,7 +119,7 @@ impl Spool {
         pending: &mut Pending<'_>,
     ) -> Result<(Vec<StoreOutcome>, Vec<Prepared>), SpoolError> {
         let i = &self.0;
-        raw::write(&i.raw, raw_id, raw_msg)?;
+        self.write_message(raw_id, raw_msg)?;
         let now = now_ms_precision();
         let now_ms = unix_ms(now);
         let window = i.opts.dedup_window;
@@ -134,7 +134,7 @@ impl Spool {
             job.lease_until = None;
             job.updated_at = Some(now);
             let mailbox = job.mailbox.clone().into_bytes();
-            let record = StoredJob::build(&i.db, &i.raw, raw_id, job)?;
+            let record = StoredJob::build(self, raw_id, job)?;
             written.extend(record.full);
             let mut keys: Vec<Vec<u8>> = new.dedup_keys.into_iter().filter(|k| !k.is_empty()).collect();
             keys.sort();

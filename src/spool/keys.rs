@@ -7,13 +7,14 @@ use time::OffsetDateTime;
 
 use crate::job::JobState;
 
-/// Largest value written to the raw tree. sled writes a whole page (a leaf holds up to ~17
-/// items) to an unsynced blob file once the page is over ~131 KiB (segment size / 4), so
-/// chunks must stay far below 131 KiB / 17: 4 KiB keeps a full leaf near 70 KiB.
+/// Largest value spools before segment files wrote to the raw tree (sled moves a page over
+/// ~131 KiB to its unsynced blob files, so chunks were kept small).
+#[cfg(test)]
 pub(super) const CHUNK: usize = 4096;
 
-/// A job record whose JSON is longer than this keeps its immutable part in the raw tree
-/// (chunked) and only a small stub in the jobs tree, for the same reason.
+/// A job record whose JSON is longer than this keeps its immutable part as a blob in a segment
+/// file and only a small stub in the jobs tree: sled rewrites whole pages, so big values in
+/// its trees cost many times their size in writes.
 pub(super) const RECORD_INLINE_MAX: usize = 4096;
 
 /// Key of a job record (jobs tree) and prefix of a raw message's chunks (raw tree).
@@ -64,7 +65,7 @@ pub(super) fn parse_lease_key(k: &[u8]) -> Option<(u64, u64)> {
     Some((be_u64(&k[..8])?, be_u64(&k[8..])?))
 }
 
-/// Raw tree key: raw id + chunk index.
+/// Raw tree key: raw id + chunk index (also the reject log's key layout).
 pub(super) fn chunk_key(raw_id: u64, index: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&raw_id.to_be_bytes());

@@ -3,12 +3,15 @@
 //!
 //! Trees: `jobs` (id -> record), `state` (state tag + id -> mailbox; ready jobs waiting for a
 //! retry have their own tag), `leases` (timers: when ms + id, for lease ends, retry waits and
-//! purges), `raw` (blob id + chunk index -> at most 4 KiB), `refs` (raw blob id + job id: who
+//! purges), `rawloc` (raw message blob id -> its place in a segment file, see `segments.rs`),
+//! `raw` (blob id + chunk index -> at most 4 KiB: the full records of big jobs, and raw
+//! messages of spools written before segment files), `refs` (raw blob id + job id: who
 //! uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
 //! entry JSON). A job record, its state index entry, its timer and its dedup entries always
 //! change in one transaction.
 //!
-//! Files: `committer.rs` (group commit), `jobs.rs` (store), `transitions.rs` (state changes,
+//! Files: `committer.rs` (group commit), `segments.rs` (raw messages in segment files),
+//! `recover.rs` (jobs whose message a machine crash took), `jobs.rs` (store), `transitions.rs` (state changes,
 //! leases), `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup
 //! lookups and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record),
 //! `keys.rs` (encodings, dedup key builders).
@@ -22,13 +25,17 @@ mod jobs;
 mod keys;
 mod raw;
 mod records;
+mod recover;
 mod rejects;
+mod segments;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_delivery;
 #[cfg(test)]
 mod tests_queue;
+#[cfg(test)]
+mod tests_segments;
 mod timers;
 mod transitions;
 
@@ -160,6 +167,8 @@ struct Inner {
     state: Tree,
     leases: Tree,
     raw: Tree,
+    rawloc: Tree,
+    segments: Arc<segments::Segments>,
     refs: Tree,
     dedup: Tree,
     rejects: Tree,
@@ -233,7 +242,22 @@ impl Spool {
         let tree = |name: &str| db.open_tree(name);
         let (jobs, state, leases, raw, dedup, rejects) =
             (tree("jobs")?, tree("state")?, tree("leases")?, tree("raw")?, tree("dedup")?, tree("rejects")?);
-        let refs = tree("refs")?;
+        let (refs, rawloc) = (tree("refs")?, tree("rawloc")?);
+        let (segments, damaged) = segments::Segments::open(dir, &rawloc, segments::SEGMENT_MAX)?;
+        if !damaged.is_empty() {
+            let trees = recover::Trees { jobs: &jobs, state: &state, refs: &refs, dedup: &dedup, rawloc: &rawloc };
+            let discarded = recover::discard(&trees, &damaged)?;
+            for (id, message_id) in discarded.jobs {
+                tracing::error!(target: "mailgate::spool", job = %crate::job::format_id(id), message_id = %message_id,
+                    "removed a job whose stored message did not survive a crash; it was never acknowledged, so the sender will send it again");
+            }
+            for loc in &discarded.freed {
+                segments.release(loc);
+            }
+            db.flush()?;
+            file.sync_data()?;
+        }
+        let segments = Arc::new(segments);
 
         let mut depth: HashMap<Vec<u8>, Depth> = HashMap::new();
         for item in state.iter() {
@@ -255,7 +279,7 @@ impl Spool {
 
         let (commits, rx) = mpsc::unbounded_channel();
         let flushes = Arc::new(AtomicU64::new(0));
-        let committer = Committer::new(db.clone(), file, rx, flushes.clone());
+        let committer = Committer::new(db.clone(), file, segments.clone(), rx, flushes.clone());
         let handle = std::thread::Builder::new().name("mailgate-commit".into()).spawn(move || committer.run())?;
         Ok(Spool(Arc::new(Inner {
             dir: dir.to_path_buf(),
@@ -265,6 +289,8 @@ impl Spool {
             state,
             leases,
             raw,
+            rawloc,
+            segments,
             refs,
             dedup,
             rejects,
@@ -343,17 +369,51 @@ impl Spool {
 
     pub fn get(&self, id: &str) -> Result<Option<Job>, SpoolError> {
         let Some(n) = parse_id(id) else { return Ok(None) };
-        self.record(n)?.map(|r| r.load(&self.0.raw)).transpose()
+        self.record(n)?.map(|r| r.load(self)).transpose()
     }
 
     /// The job's raw message.
     pub fn raw(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         let Some(n) = parse_id(id) else { return Ok(None) };
         let Some(rec) = self.record(n)? else { return Ok(None) };
-        match raw::read(&self.0.raw, rec.raw_id)? {
+        match self.read_message(rec.raw_id)? {
             Some(bytes) => Ok(Some(bytes)),
             None => Err(SpoolError::Corrupt(format!("job {id}: raw message {} missing", rec.raw_id))),
         }
+    }
+
+    /// Writes blob `raw_id` (a raw message or a full job record) to a segment and its pointer
+    /// to `rawloc`.
+    fn write_message(&self, raw_id: u64, data: &[u8]) -> Result<(), SpoolError> {
+        let loc = self.0.segments.append(data)?;
+        if let Err(e) = self.0.rawloc.insert(segments::loc_key(raw_id), &loc.encode()[..]) {
+            self.0.segments.release(&loc);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Blob `raw_id`, from its segment or (spools from before segments) the raw tree.
+    fn read_message(&self, raw_id: u64) -> Result<Option<Vec<u8>>, SpoolError> {
+        match self.0.rawloc.get(segments::loc_key(raw_id))? {
+            Some(v) => self.0.segments.read(&segments::Loc::decode(&v)?).map(Some),
+            None => raw::read(&self.0.raw, raw_id),
+        }
+    }
+
+    /// Removes blob `id`: a raw message (its pointer; the segment space is freed with the
+    /// segment's last message) or a chunked blob in the raw tree.
+    fn remove_blob(&self, id: u64) -> Result<(), SpoolError> {
+        if let Some(v) = self.0.rawloc.remove(segments::loc_key(id))? {
+            self.0.segments.release(&segments::Loc::decode(&v)?);
+        }
+        raw::remove(&self.0.raw, id)
+    }
+
+    /// Segment files on disk now.
+    #[cfg(test)]
+    fn segment_count(&self) -> usize {
+        self.0.segments.count()
     }
 
     /// Jobs, oldest first, optionally of one state (ready includes jobs waiting for a retry);
@@ -366,7 +426,7 @@ impl Spool {
                 if out.len() >= limit {
                     break;
                 }
-                out.push(StoredJob::decode(&item?)?.load(&self.0.raw)?);
+                out.push(StoredJob::decode(&item?)?.load(self)?);
             }
             return Ok(out);
         };
@@ -379,7 +439,7 @@ impl Spool {
         for id in ids {
             // The job may have changed state since the index was read: skip it then.
             if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
-                out.push(rec.load(&self.0.raw)?);
+                out.push(rec.load(self)?);
             }
         }
         Ok(out)

@@ -1,19 +1,18 @@
-//! Chunked blobs in the raw tree: raw messages, and the bodies of job records too big to keep
-//! inline. Key = blob id (BE u64) + chunk index (BE u32); every value is at most
-//! [`CHUNK`] bytes, so sled never moves a page to its unsynced blob files.
-//!
-//! Chunks are plain inserts, not a batch: a batch takes sled's global write lock for as long
-//! as a 25 MiB message takes to insert. Atomicity comes from the job record, written (in a
-//! transaction) after every chunk: a crash in between leaves unreferenced chunks, never a job
-//! without its message.
+//! Chunked blobs in the raw tree, from spools written before segment files (`segments.rs`):
+//! they are still read and removed, never written. Key = blob id (BE u64) + chunk index (BE
+//! u32); every value is at most 4 KiB.
 
 use sled::Tree;
 
 use super::SpoolError;
-use super::keys::{CHUNK, chunk_key, id_key};
+use super::keys::id_key;
+#[cfg(test)]
+use super::keys::{CHUNK, chunk_key};
 
-/// Writes `data` as blob `id`. An empty blob is one empty chunk, so that a blob that exists
-/// can be told from one that does not.
+/// Writes `data` as blob `id`, as spools before segment files did (tests build such spools).
+/// An empty blob is one empty chunk, so that a blob that exists can be told from one that
+/// does not.
+#[cfg(test)]
 pub(super) fn write(tree: &Tree, id: u64, data: &[u8]) -> Result<(), SpoolError> {
     if data.is_empty() {
         tree.insert(chunk_key(id, 0), &[][..])?;

@@ -2,14 +2,14 @@
 //! JSON is unchanged; this wrapper only exists in the jobs tree.
 //!
 //! A record whose JSON would be longer than [`RECORD_INLINE_MAX`] (a long reply text, a huge
-//! subject) keeps the full job as a chunked blob in the raw tree and a stub in the jobs tree:
-//! the stub carries everything a state change touches, the blob the rest.
+//! subject) keeps the full job as a blob written like a raw message (a segment file; the raw
+//! tree in spools from before segments) and a stub in the jobs tree: the stub carries
+//! everything a state change touches, the blob the rest.
 
 use serde::{Deserialize, Serialize};
-use sled::Tree;
 
 use super::keys::RECORD_INLINE_MAX;
-use super::{SpoolError, raw};
+use super::{Spool, SpoolError};
 use crate::job::{AuthResults, Envelope, Job, MessageInfo};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,14 +27,14 @@ pub(super) struct StoredJob {
 }
 
 impl StoredJob {
-    /// Builds the record of a new job; writes the full-job blob (id from `db`) when needed.
-    pub fn build(db: &sled::Db, raw_tree: &Tree, raw_id: u64, job: Job) -> Result<StoredJob, SpoolError> {
+    /// Builds the record of a new job; writes the full-job blob when needed.
+    pub fn build(spool: &Spool, raw_id: u64, job: Job) -> Result<StoredJob, SpoolError> {
         let json = serde_json::to_vec(&job).map_err(|e| SpoolError::Corrupt(format!("job serialization: {e}")))?;
         if json.len() <= RECORD_INLINE_MAX {
             return Ok(StoredJob { raw_id, full: None, push: false, job });
         }
-        let blob = db.generate_id()?;
-        raw::write(raw_tree, blob, &json)?;
+        let blob = spool.0.db.generate_id()?;
+        spool.write_message(blob, &json)?;
         Ok(StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) })
     }
 
@@ -47,9 +47,10 @@ impl StoredJob {
     }
 
     /// The public job: the stub's mutable fields over the full job's blob.
-    pub fn load(self, raw_tree: &Tree) -> Result<Job, SpoolError> {
+    pub fn load(self, spool: &Spool) -> Result<Job, SpoolError> {
         let Some(blob) = self.full else { return Ok(self.job) };
-        let bytes = raw::read(raw_tree, blob)?
+        let bytes = spool
+            .read_message(blob)?
             .ok_or_else(|| SpoolError::Corrupt(format!("job {}: full record missing", self.job.id)))?;
         let mut full: Job = serde_json::from_slice(&bytes)
             .map_err(|e| SpoolError::Corrupt(format!("job {}: full record: {e}", self.job.id)))?;

@@ -127,12 +127,13 @@ async fn several_jobs_share_one_raw() {
     for id in &ids {
         assert_eq!(spool.raw(id).unwrap().unwrap(), raw);
     }
-    assert_eq!(spool.0.raw.len(), raw.len().div_ceil(keys::CHUNK));
+    assert_eq!(spool.0.rawloc.len(), 1, "one raw message, in a segment");
+    assert_eq!(spool.0.raw.len(), 0, "no raw chunk in sled");
     assert_eq!(spool.store(&raw, vec![]).await.unwrap(), vec![]);
 }
 
 #[tokio::test]
-async fn large_job_records_are_chunked_too() {
+async fn large_job_records_keep_a_stub_and_a_blob() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), options()).unwrap();
     let mut big = new_job("incoming", "k", vec![]);
@@ -141,6 +142,8 @@ async fn large_job_records_are_chunked_too() {
     let id = stored_id(&spool.store(b"x", vec![big.clone()]).await.unwrap()[0]);
     let record = spool.record(parse_id(&id).unwrap()).unwrap().unwrap();
     assert!(record.full.is_some() && record.job.reply_text.is_none());
+    assert_eq!(spool.0.rawloc.len(), 2, "the raw message and the full record, both in a segment");
+    assert_eq!(spool.0.raw.len(), 0);
     let got = spool.get(&id).unwrap().unwrap();
     assert_eq!(got.reply_text, big.job.reply_text);
     assert_eq!(got.message.subject, big.job.message.subject);
@@ -185,7 +188,7 @@ async fn dedup_expires_after_the_window() {
     let dup = spool.store(b"m", vec![new_job("incoming", "k", vec![key.clone()])]).await.unwrap();
     assert_eq!(dup, vec![StoreOutcome::Duplicate { id: first.clone() }]);
     // The duplicate's raw message was not kept.
-    assert_eq!(spool.0.raw.len(), 1);
+    assert_eq!(spool.0.rawloc.len(), 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let second = stored_id(&spool.store(b"m", vec![new_job("incoming", "k", vec![key.clone()])]).await.unwrap()[0]);
     assert_ne!(first, second);
@@ -219,7 +222,7 @@ async fn concurrent_stores_of_one_key_create_one_job() {
     );
     assert_eq!(spool.list(Some(JobState::Ready), 0).unwrap().len(), 1);
     assert_eq!(spool.stats().unwrap().ready, 1);
-    assert_eq!(spool.0.raw.len(), 1, "duplicates' raw messages are removed");
+    assert_eq!(spool.0.rawloc.len(), 1, "duplicates' raw messages are removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

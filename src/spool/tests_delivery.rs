@@ -119,6 +119,7 @@ async fn done_jobs_are_purged_after_retention_and_the_raw_message_with_the_last_
     assert_eq!(spool.reap().await.unwrap().purged, 1);
     assert!(spool.raw(&ids[1]).unwrap().is_none());
     assert_eq!(spool.0.raw.len(), 0, "no chunk left behind");
+    assert_eq!(spool.0.rawloc.len(), 0, "no raw message pointer left behind");
     assert_eq!(spool.0.refs.len(), 0);
     assert_eq!(spool.0.leases.len(), 0);
     assert_eq!(spool.depth()["incoming"], Depth::default());

@@ -10,7 +10,7 @@ use super::jobs::tx_error;
 use super::keys::{id_key, lease_key, parse_lease_key, ref_key, state_key, unix_ms};
 use super::records::StoredJob;
 use super::transitions::Change;
-use super::{Spool, SpoolError, raw};
+use super::{Spool, SpoolError};
 use crate::job::JobState;
 
 /// What the reaper did in one pass.
@@ -91,10 +91,10 @@ impl Spool {
         // Blobs go after the records that point to them: a crash in between leaves unreferenced
         // chunks, never a job without its message.
         if let Some(full) = record.full {
-            raw::remove(&i.raw, full)?;
+            self.remove_blob(full)?;
         }
         if i.refs.scan_prefix(id_key(record.raw_id)).next().is_none() {
-            raw::remove(&i.raw, record.raw_id)?;
+            self.remove_blob(record.raw_id)?;
         }
         Ok(true)
     }

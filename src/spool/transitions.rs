@@ -199,7 +199,7 @@ impl Spool {
         } else {
             self.mark_dirty();
         }
-        record.load(&self.0.raw)
+        record.load(self)
     }
 
     /// Leases the oldest ready job of one of `mailboxes` (`None`: any mailbox) whose next
@@ -236,7 +236,7 @@ impl Spool {
         let only = mailbox.map(|m| [m]);
         let Some(record) = self.lease_first(only.as_ref().map(|m| &m[..]), lease, false)? else { return Ok(None) };
         self.commit().await?;
-        record.load(&self.0.raw).map(Some)
+        record.load(self).map(Some)
     }
 
     /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without a
@@ -247,7 +247,7 @@ impl Spool {
         // A push lease need not be durable: lost in a crash, it is what the next start's
         // release would undo anyway.
         self.mark_dirty();
-        record.load(&self.0.raw).map(Some)
+        record.load(self).map(Some)
     }
 
     /// Waits until jobs may have become ready (stored, released, retried, due) or `timeout`
