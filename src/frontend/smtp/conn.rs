@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::offload;
 use super::session::{Event, Peer, Session, SessionConfig, TlsPolicy};
 use super::verify::Verify;
 use crate::auth::Authenticator;
@@ -92,7 +93,8 @@ where
         }
         session.greeting(&mut out);
         loop {
-            let (consumed, event) = session.process(&buf, &mut out);
+            let large = session.may_end_message(&buf).is_some_and(offload::wanted);
+            let (consumed, event) = offload::call(large, || session.process(&buf, &mut out));
             buf.drain(..consumed);
             flush_rejects(&mut session, &ctx.spool);
             match event {
@@ -104,8 +106,9 @@ where
                 }
                 Event::Verify(Verify::Message { raw, ip, helo, mail_from, spf }) => {
                     let Some(auth) = &ctx.auth else { break CloseCause::Error };
-                    let check = Box::pin(auth.message(&raw, &spf, ip, &helo, &mail_from)).await;
-                    if let Some(req) = session.message_checked(raw, check, &mut out) {
+                    let large = offload::wanted(raw.len() as u64);
+                    let check = offload::run(large, Box::pin(auth.message(&raw, &spf, ip, &helo, &mail_from))).await;
+                    if let Some(req) = offload::call(large, || session.message_checked(raw, check, &mut out)) {
                         Box::pin(store(&mut session, ctx, req, &mut out)).await;
                     } else {
                         flush_rejects(&mut session, &ctx.spool);
@@ -247,7 +250,9 @@ fn handshake_failed(ctx: &ConnContext, peer: &Peer, e: &std::io::Error) {
 
 async fn store(session: &mut Session, ctx: &ConnContext, req: super::StoreRequest, out: &mut Vec<u8>) {
     let mailboxes: Vec<String> = req.jobs.iter().map(|j| j.job.mailbox.clone()).collect();
-    let result = ctx.spool.store(&req.raw, req.jobs).await.map_err(|e| e.to_string());
+    // Writing (and checksumming) 25 MiB takes a worker's while too.
+    let large = offload::wanted(req.raw.len() as u64);
+    let result = offload::run(large, ctx.spool.store(&req.raw, req.jobs)).await.map_err(|e| e.to_string());
     if let Ok(outcomes) = &result {
         let metrics = crate::metrics::global();
         for (outcome, mailbox) in outcomes.iter().zip(&mailboxes) {

@@ -91,6 +91,11 @@ impl DataReceiver {
         self
     }
 
+    /// Bytes of the message received so far (unstuffed).
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
     /// Consumes complete lines from `input`. A trailing partial line is left for the next call
     /// unless it is already longer than the line limit.
     pub fn feed(&mut self, input: &[u8]) -> DataProgress {

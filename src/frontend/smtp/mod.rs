@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod data;
+mod offload;
 pub mod outcome;
 pub mod session;
 pub mod trace;

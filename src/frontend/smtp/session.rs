@@ -179,6 +179,16 @@ impl Session {
         matches!(self.state, State::Data(_))
     }
 
+    /// The size of the message being received when `input` may end it (it holds a line
+    /// `.`), else None. The end of DATA parses, checks and stores the message: the driver
+    /// runs that off its async workers for large messages.
+    pub fn may_end_message(&self, input: &[u8]) -> Option<u64> {
+        let State::Data(rx) = &self.state else { return None };
+        // Partial lines stay in the input, so the final `.` line is whole in it.
+        let ends = input.starts_with(b".\r\n") || memchr::memmem::find(input, b"\n.\r\n").is_some();
+        ends.then(|| rx.received().saturating_add(input.len() as u64))
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }

@@ -89,3 +89,23 @@ fn a_message_nested_10000_deep_is_refused_at_the_default_limits() {
     assert_eq!(h.send(deep.as_bytes()), vec!["554 5.6.0 Error: MIME nesting too deep"]);
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+/// The driver finishes large messages off its workers when the input may end one: the final
+/// `.` line at the start of the input or after a line end, never in the middle of a line.
+#[test]
+fn the_end_of_a_message_is_announced_with_its_size() {
+    let mut h = Harness::new(false, false, false);
+    assert_eq!(h.s.may_end_message(b".\r\n"), None, "not in DATA");
+    h.ehlo();
+    open_data(&mut h);
+    assert!(h.send(b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n").is_empty());
+    let received = 41;
+    assert_eq!(h.s.may_end_message(b"more\r\n"), None);
+    assert_eq!(h.s.may_end_message(b"a.\r\n"), None);
+    assert_eq!(h.s.may_end_message(b"..\r\n"), None, "a stuffed dot is data");
+    assert_eq!(h.s.may_end_message(b".\r\n"), Some(received + 3));
+    assert_eq!(h.s.may_end_message(b"x\r\n.\r\n"), Some(received + 6));
+    let r = h.send(b".\r\n");
+    assert!(r[0].starts_with("250 2.0.0 Ok: queued as"), "{r:?}");
+    assert_eq!(h.s.may_end_message(b".\r\n"), None);
+}
