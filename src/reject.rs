@@ -67,6 +67,14 @@ pub struct RejectEntry {
     pub subject: String,
     /// `smtp`, `lmtp` or `policy`.
     pub listener: String,
+    /// Refusals of the same kind from the same address since the previous entry that were
+    /// not logged (connections over the limits, see `frontend::refusals`). Left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RejectEntry {
@@ -97,6 +105,7 @@ mod tests {
             message_id: String::new(),
             subject: "s\r".into(),
             listener: "smtp".into(),
+            suppressed: 0,
         };
         let line = e.to_json_line();
         assert!(!line.contains('\n') && !line.contains('\r'));

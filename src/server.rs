@@ -280,6 +280,7 @@ async fn accept_loop<F, Fut>(
 {
     let trusted = l.config.trusted_peers.clone();
     let name = l.config.protocol.as_str();
+    let throttle = crate::frontend::refusals::RefusalThrottle::default();
     let stop = listener::shutdown_signalled(shutdown);
     tokio::pin!(stop);
     loop {
@@ -318,9 +319,12 @@ async fn accept_loop<F, Fut>(
                 tokio::spawn(fut);
             }
             Err(why) => {
-                tracing::warn!(client_ip = ?ip, listener = name, why, "connection refused");
+                let logged = throttle.admit(ip, why, std::time::Instant::now());
+                if let Some(suppressed) = logged {
+                    tracing::warn!(client_ip = ?ip, listener = name, why, suppressed, "connection refused");
+                }
                 let (spool, hostname) = (spool.clone(), hostname.clone());
-                tokio::spawn(async move { listener::refuse(stream, &hostname, ip, why, name, &spool).await });
+                tokio::spawn(async move { listener::refuse(stream, &hostname, ip, why, name, (&spool, logged)).await });
             }
         }
     }

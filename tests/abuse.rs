@@ -36,6 +36,7 @@ struct Gate {
     server: Server,
     config: std::path::PathBuf,
     port: u16,
+    http: u16,
 }
 
 impl Gate {
@@ -46,7 +47,7 @@ impl Gate {
             format!("[[listen]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:{}\"\ntrusted_peers = []\n", ports.smtp);
         let config = write_config(dir.path(), &ports, &listeners, &format!("[limits]\n{limits}\n"));
         let server = Server::start(&config, ports.smtp, ports.http);
-        Gate { _dir: dir, server, config, port: ports.smtp }
+        Gate { _dir: dir, server, config, port: ports.smtp, http: ports.http }
     }
 
     fn pid(&self) -> u32 {
@@ -58,6 +59,16 @@ impl Gate {
         let o = cli(&self.config, &["rejects", "--reason", reason, "--json"]);
         assert!(o.status.success(), "rejects: {}", String::from_utf8_lossy(&o.stderr));
         json_values(&stdout(&o))
+    }
+
+    /// The value of one `mailgate_refused_total` series (0 when absent).
+    fn refused_metric(&self, reason: &str) -> u64 {
+        let r = common::receiver::http_get(self.http, "/metrics");
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines()
+            .filter(|l| l.starts_with("mailgate_refused_total{") && l.contains(&format!("reason=\"{reason}\"")))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>() as u64
     }
 
     fn alive(&self) -> bool {
@@ -321,7 +332,8 @@ fn idle_connections() {
 }
 
 /// The default per-IP limit: the 51st connection from one address gets `421 4.7.0` and a
-/// `too_many_connections` entry; another address is still served.
+/// `too_many_connections` entry; another address is still served. A flood of refused
+/// connections gets one reject-log entry per address in ten seconds (the metrics count all).
 #[test]
 fn connections_per_ip() {
     let _one = serial();
@@ -330,8 +342,17 @@ fn connections_per_ip() {
     for c in &mut held {
         assert!(c.reply().starts_with("220 "));
     }
-    let mut over = Raw::connect(g.port);
-    assert_eq!(over.reply(), "421 4.7.0 mx.test Error: too many connections from your address\r\n");
+    const OVER: u64 = 30;
+    for _ in 0..OVER {
+        let mut over = Raw::connect(g.port);
+        assert_eq!(over.reply(), "421 4.7.0 mx.test Error: too many connections from your address\r\n");
+    }
+    let entries = g.rejects("too_many_connections");
+    assert_eq!(entries.len(), 1, "one entry for the flood: {entries:?}");
+    assert_eq!(entries[0]["client_ip"], "127.0.0.1");
+    assert_eq!(entries[0]["text"], "mx.test Error: too many connections from your address");
+    assert!(entries[0].get("suppressed").is_none(), "the first entry has nothing left out: {entries:?}");
+    assert_eq!(g.refused_metric("too_many_connections"), OVER, "every refusal is counted");
     // a slot freed is a slot for the next connection (once the server has seen the close: on
     // a loaded machine that can take a moment, and each early try is one more refusal)
     drop(held.pop());
@@ -345,10 +366,14 @@ fn connections_per_ip() {
         thread::sleep(Duration::from_millis(100));
     };
     let _ = &mut next;
+    // after the interval, the next refusal is logged with the count left out
+    thread::sleep(Duration::from_secs(10));
+    let mut over = Raw::connect(g.port);
+    assert!(over.reply().starts_with("421 4.7.0 "));
     let entries = g.rejects("too_many_connections");
-    assert!(!entries.is_empty(), "{entries:?}");
-    assert_eq!(entries[0]["client_ip"], "127.0.0.1");
-    assert_eq!(entries[0]["text"], "mx.test Error: too many connections from your address");
+    let refused = g.refused_metric("too_many_connections");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[1]["suppressed"].as_u64(), Some(refused - 2), "{entries:?}");
     drop(held);
 }
 

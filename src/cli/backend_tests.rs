@@ -58,6 +58,7 @@ fn reject() -> RejectEntry {
         message_id: String::new(),
         subject: String::new(),
         listener: "smtp".into(),
+        suppressed: 0,
     }
 }
 

@@ -121,7 +121,11 @@ fn human_line(e: &RejectEntry) -> String {
         or_dash(&e.client_ip),
         mail_from,
         rcpt,
-        clean(&e.text),
+        if e.suppressed > 0 {
+            format!("{} (and {} more not logged)", clean(&e.text), e.suppressed)
+        } else {
+            clean(&e.text)
+        },
     ]
     .join("  ")
 }
@@ -165,11 +169,18 @@ mod tests {
             message_id: String::new(),
             subject: String::new(),
             listener: "smtp".into(),
+            suppressed: 0,
         };
         assert_eq!(
             human_line(&e),
             "1970-01-01T00:00:00Z  rcpt  reject  550 5.1.1  unknown_key  192.0.2.1  <>  a@x,b@x  unknown key\\r\\nforged"
         );
+        let e = RejectEntry { suppressed: 41, ..e };
+        assert!(human_line(&e).ends_with("forged (and 41 more not logged)"), "{}", human_line(&e));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["suppressed"], 41);
+        let e = RejectEntry { suppressed: 0, ..e };
+        assert!(serde_json::to_value(&e).unwrap().get("suppressed").is_none(), "left out when 0");
     }
 
     #[test]

@@ -149,14 +149,16 @@ pub fn is_trusted(ip: Option<IpAddr>, trusted: &[IpNet]) -> bool {
     }
 }
 
-/// Refuses a connection over the limits: 421, a reject-log entry, close.
+/// Refuses a connection over the limits: 421, close, and a reject-log entry when `logged`
+/// holds the number of refusals left out of the log since the previous entry
+/// ([`crate::frontend::refusals`]); the metrics count every refusal.
 pub async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
     mut stream: S,
     hostname: &str,
     ip: Option<IpAddr>,
     why: &str,
     listener: &str,
-    spool: &crate::spool::Spool,
+    (spool, logged): (&crate::spool::Spool, Option<u64>),
 ) {
     let text = format!("{hostname} Error: {why}");
     let entry = RejectEntry {
@@ -174,8 +176,13 @@ pub async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
         message_id: String::new(),
         subject: String::new(),
         listener: listener.to_string(),
+        suppressed: logged.unwrap_or(0),
     };
-    crate::frontend::log_reject(spool, &entry);
+    if logged.is_some() {
+        crate::frontend::log_reject(spool, &entry);
+    } else {
+        crate::metrics::global().refused(entry.reason.as_str(), entry.action.as_str(), entry.stage.as_str());
+    }
     let line = format!("421 4.7.0 {text}\r\n");
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
     let _ = stream.shutdown().await;

@@ -2,6 +2,7 @@
 
 pub mod listener;
 pub mod policy;
+pub mod refusals;
 pub mod smtp;
 pub mod tls;
 

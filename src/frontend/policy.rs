@@ -93,6 +93,7 @@ pub fn decide(gate: &Gate, attrs: &HashMap<String, String>, spf: Option<&SpfChec
         message_id: String::new(),
         subject: String::new(),
         listener: "policy".into(),
+        suppressed: 0,
     };
     (action.replace(['\r', '\n'], " "), Some(entry))
 }

@@ -210,6 +210,7 @@ fn sample_reject(reason: Reason) -> crate::reject::RejectEntry {
         message_id: String::new(),
         subject: String::new(),
         listener: "smtp".into(),
+        suppressed: 0,
     }
 }
 

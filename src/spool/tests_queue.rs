@@ -24,6 +24,7 @@ pub(super) fn reject_entry(reason: Reason) -> RejectEntry {
         message_id: String::new(),
         subject: String::new(),
         listener: "smtp".into(),
+        suppressed: 0,
     }
 }
 

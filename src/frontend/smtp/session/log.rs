@@ -48,6 +48,7 @@ impl Session {
             message_id,
             subject,
             listener: self.cfg.listener.to_string(),
+            suppressed: 0,
         });
     }
 
