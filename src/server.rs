@@ -132,6 +132,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
             }),
             command_timeout: config.limits.command_timeout,
             data_timeout: config.limits.data_timeout,
+            min_data_rate: config.limits.min_data_rate,
             session_timeout: config.limits.session_timeout,
             error_delay: config.limits.error_delay,
             shutdown: shutdown_rx.clone(),

@@ -67,6 +67,10 @@ pub(super) fn default_command_timeout() -> Duration {
 pub(super) fn default_data_timeout() -> Duration {
     Duration::from_secs(600)
 }
+/// Bytes a second, as Postfix's `smtpd_min_data_rate`.
+pub(super) fn default_min_data_rate() -> u64 {
+    500
+}
 pub(super) fn default_session_timeout() -> Duration {
     Duration::from_secs(1800)
 }

@@ -234,6 +234,9 @@ pub struct LimitsConfig {
     pub command_timeout: Duration,
     #[serde(default = "default_data_timeout", with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// DATA may last `data_timeout` plus one second per this many bytes received (0: off).
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u64,
     /// A whole session may last no longer than this.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
@@ -282,6 +285,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: default_max_connections_per_ip(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
+            min_data_rate: default_min_data_rate(),
             session_timeout: default_session_timeout(),
             max_errors: default_max_errors(),
             error_delay: default_error_delay(),

@@ -24,6 +24,8 @@ pub struct ConnContext {
     pub session: Arc<SessionConfig>,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Bytes a second: DATA may last `data_timeout` plus a second per this many bytes (0: off).
+    pub min_data_rate: u64,
     pub session_timeout: Duration,
     /// The replies to errors after the first [`FREE_ERRORS`] wait this long each (tarpit).
     pub error_delay: Duration,
@@ -79,6 +81,8 @@ where
     let mut buf: Vec<u8> = Vec::with_capacity(COMMAND_CHUNK);
     // When the first byte of the command line being received arrived.
     let mut command_started: Option<Instant> = None;
+    // When the current DATA began (its 354).
+    let mut data_started: Option<Instant> = None;
     let mut errors_answered = 0;
     let cause = 'session: {
         // Implicit TLS: the handshake comes before the greeting.
@@ -167,7 +171,17 @@ where
                     if !partial {
                         command_started = None;
                     }
-                    let until = command_deadline.map_or(deadline, |c| c.min(deadline));
+                    let data_deadline = match session.data_received() {
+                        Some(received) => {
+                            let since = *data_started.get_or_insert(now);
+                            data_deadline(since, received, ctx.data_timeout, ctx.min_data_rate)
+                        }
+                        None => {
+                            data_started = None;
+                            None
+                        }
+                    };
+                    let until = [command_deadline, data_deadline].into_iter().flatten().fold(deadline, Instant::min);
                     // The deadlines hold even for a client that always has data ready (a read
                     // that never blocks would never see its timer fire).
                     if now >= until {
@@ -277,6 +291,17 @@ async fn tarpit(session: &Session, answered: &mut u32, delay: Duration) {
     }
 }
 
+/// When a DATA begun at `since` must be over: `data_timeout`, plus one second for every
+/// `min_rate` bytes received so far (Postfix's `smtpd_min_data_rate`). A client trickling a
+/// message in restarts the idle timer with each byte, but falls behind this. None: no minimum.
+fn data_deadline(since: Instant, received: u64, data_timeout: Duration, min_rate: u64) -> Option<Instant> {
+    if min_rate == 0 {
+        return None;
+    }
+    let earned = Duration::from_secs_f64(received as f64 / min_rate as f64);
+    since.checked_add(data_timeout.saturating_add(earned))
+}
+
 /// How long one write may take: a client that stops reading must not hold its connection
 /// slot forever. At least a second, so the final 421 of an expired session still goes out.
 fn write_limit(ctx: &ConnContext, deadline: Instant) -> Duration {
@@ -345,6 +370,7 @@ mod tests {
                 verify_spf: false,
             }),
             command_timeout: Duration::from_secs(10),
+            min_data_rate: 500,
             data_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(30),
             error_delay: Duration::ZERO,
@@ -517,5 +543,15 @@ mod tests {
         assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(3), "{took:?}");
         assert!(rest.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"), "{rest}");
         assert_eq!(task.await.unwrap(), CloseCause::Server("too_many_errors"));
+    }
+
+    #[test]
+    fn data_may_last_data_timeout_plus_a_second_per_min_rate_bytes() {
+        let t0 = Instant::now();
+        let ten = Duration::from_secs(10);
+        assert_eq!(data_deadline(t0, 0, ten, 500), Some(t0 + ten));
+        assert_eq!(data_deadline(t0, 1500, ten, 500), Some(t0 + ten + Duration::from_secs(3)));
+        assert_eq!(data_deadline(t0, 250, ten, 500), Some(t0 + ten + Duration::from_millis(500)));
+        assert_eq!(data_deadline(t0, u64::MAX, ten, 0), None, "0 turns it off");
     }
 }

@@ -179,6 +179,14 @@ impl Session {
         matches!(self.state, State::Data(_))
     }
 
+    /// Bytes of the message received so far, while in DATA.
+    pub fn data_received(&self) -> Option<u64> {
+        match &self.state {
+            State::Data(rx) => Some(rx.received()),
+            _ => None,
+        }
+    }
+
     /// The size of the message being received when `input` may end it (it holds a line
     /// `.`), else None. The end of DATA parses, checks and stores the message: the driver
     /// runs that off its async workers for large messages.
