@@ -569,7 +569,7 @@ impl Session {
 
 /// A client's parameter quoted in a reply: escaped and cut to 40 characters, so that the reply
 /// line stays within RFC 5321's 512 octets whatever the client sent.
-fn echoed(param: &str) -> String {
+pub(super) fn echoed(param: &str) -> String {
     const MAX: usize = 40;
     let mut shown: String = param.chars().take(MAX).collect();
     if param.chars().nth(MAX).is_some() {

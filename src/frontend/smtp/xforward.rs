@@ -1,5 +1,7 @@
 //! XFORWARD (Postfix's client-attribute forwarding, XFORWARD_README): attribute parsing.
 
+use super::session::echoed;
+
 /// What XFORWARD told us about the original client, for the current transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Forwarded {
@@ -36,9 +38,10 @@ pub fn apply(fwd: &mut Forwarded, args: &str) -> Result<(), XforwardError> {
     }
     for item in args.split_ascii_whitespace() {
         let Some((name, value)) = item.split_once('=') else {
-            return Err(XforwardError::Syntax(format!("bad attribute {item:?}")));
+            return Err(XforwardError::Syntax(format!("bad attribute {}", echoed(item))));
         };
-        let value = decode_xtext(value).ok_or_else(|| XforwardError::Syntax(format!("bad xtext in {item:?}")))?;
+        let value =
+            decode_xtext(value).ok_or_else(|| XforwardError::Syntax(format!("bad xtext in {}", echoed(item))))?;
         let value = if value.eq_ignore_ascii_case("[UNAVAILABLE]") || value.eq_ignore_ascii_case("[TEMPUNAVAIL]") {
             None
         } else {
@@ -52,7 +55,7 @@ pub fn apply(fwd: &mut Forwarded, args: &str) -> Result<(), XforwardError> {
             "HELO" => &mut fwd.helo,
             "IDENT" => &mut fwd.ident,
             "SOURCE" => &mut fwd.source,
-            _ => return Err(XforwardError::UnknownAttribute(name.to_string())),
+            _ => return Err(XforwardError::UnknownAttribute(echoed(name))),
         };
         *slot = value;
     }
@@ -113,7 +116,13 @@ mod tests {
         let mut f = Forwarded::default();
         assert!(apply(&mut f, "").is_err());
         assert!(apply(&mut f, "NAME").is_err());
-        assert_eq!(apply(&mut f, "FOO=1"), Err(XforwardError::UnknownAttribute("FOO".into())));
+        assert_eq!(apply(&mut f, "FOO=1"), Err(XforwardError::UnknownAttribute("\"FOO\"".into())));
         assert!(apply(&mut f, "HELO=a+zz").is_err());
+        // Echoed cut short and escaped (found by fuzzing: a 523-octet reply line).
+        let long = "\0\u{ff}/".repeat(200);
+        for args in [long.clone(), format!("{long}=1"), format!("NAME=+zz{long}")] {
+            let e = apply(&mut f, &args).unwrap_err().to_string();
+            assert!(e.len() < 200 && !e.contains('\0'), "{e}");
+        }
     }
 }
