@@ -131,6 +131,8 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
                 verify_spf,
             }),
             command_timeout: config.limits.command_timeout,
+            stress: (!config.limits.stress_command_timeout.is_zero())
+                .then(|| (limits.stress(), config.limits.stress_command_timeout)),
             data_timeout: config.limits.data_timeout,
             min_data_rate: config.limits.min_data_rate,
             session_timeout: config.limits.session_timeout,

@@ -277,7 +277,9 @@ fn idle_connections() {
     let _one = serial();
     ensure_fds(3000);
     const IDLE: usize = 1000;
-    let g = Gate::start("max_connections = 1010\nmax_connections_per_ip = 2000\n");
+    // No stress mode: this measures what holding them costs (stress_mode_cuts_idle_sessions
+    // has the defence).
+    let g = Gate::start("max_connections = 1010\nmax_connections_per_ip = 2000\nstress_command_timeout = \"0s\"\n");
     let fresh = mem(g.pid());
     let baseline = good_client(g.port, GOOD_MESSAGES);
     eprintln!("[idle] good client without abuse: {baseline}");
@@ -329,6 +331,46 @@ fn idle_connections() {
     thread::sleep(Duration::from_millis(300));
     good_client(g.port, 10);
     eprintln!("[idle] at the end: {}", mem(g.pid()));
+}
+
+/// Stress mode: while 80% of `max_connections` are taken, a session idle for
+/// `stress_command_timeout` (instead of `command_timeout`) is cut with `421 4.4.2` and
+/// `timeout`, until fewer than 80% are in use; the rest keep their sessions. Idle connections
+/// from many addresses then cannot lock others out for long. Below 80%, nothing changes.
+#[test]
+fn stress_mode_cuts_idle_sessions() {
+    let _one = serial();
+    let g = Gate::start("max_connections = 20\nmax_connections_per_ip = 100\nstress_command_timeout = \"2s\"\n");
+    let mut idle: Vec<Raw> = (0..15).map(|_| Raw::connect(g.port)).collect();
+    for c in &mut idle {
+        assert!(c.reply().starts_with("220 "));
+    }
+    thread::sleep(Duration::from_secs(3));
+    for c in &mut idle {
+        assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok\r\n", "15 of 20 is no stress: still open");
+    }
+    // 19 of 20: stress from the 16th on
+    for _ in 0..4 {
+        let mut c = Raw::connect(g.port);
+        assert!(c.reply().starts_with("220 "));
+        idle.push(c);
+    }
+    thread::sleep(Duration::from_secs(5));
+    let mut cut = 0;
+    for c in &mut idle {
+        c.r.get_ref().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        match c.reply().as_str() {
+            "" => assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok\r\n", "a session left open still works"),
+            r => {
+                assert_eq!(r, "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+                cut += 1;
+            }
+        }
+    }
+    eprintln!("[stress] 19 of 20 slots taken, stress from 16: {cut} idle sessions cut after 2 s idle");
+    assert!((4..=19).contains(&cut), "{cut} cut: at least 4 must go to end the stress");
+    good_client(g.port, 10);
+    assert!(g.rejects("timeout").len() >= 4);
 }
 
 /// The default per-IP limit: the 51st connection from one address gets `421 4.7.0` and a

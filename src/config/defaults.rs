@@ -64,6 +64,10 @@ pub(super) fn default_max_connections_per_ip() -> usize {
 pub(super) fn default_command_timeout() -> Duration {
     Duration::from_secs(300)
 }
+/// Postfix under stress: `smtpd_timeout` 10s.
+pub(super) fn default_stress_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 pub(super) fn default_data_timeout() -> Duration {
     Duration::from_secs(600)
 }

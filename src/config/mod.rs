@@ -232,6 +232,9 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// `command_timeout` while 80% of `max_connections` are in use ("0s": no stress mode).
+    #[serde(default = "default_stress_command_timeout", with = "humantime_serde")]
+    pub stress_command_timeout: Duration,
     #[serde(default = "default_data_timeout", with = "humantime_serde")]
     pub data_timeout: Duration,
     /// DATA may last `data_timeout` plus one second per this many bytes received (0: off).
@@ -284,6 +287,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
             command_timeout: default_command_timeout(),
+            stress_command_timeout: default_stress_command_timeout(),
             data_timeout: default_data_timeout(),
             min_data_rate: default_min_data_rate(),
             session_timeout: default_session_timeout(),

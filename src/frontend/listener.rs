@@ -59,7 +59,13 @@ pub struct ConnLimits {
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     idle: Notify,
+    /// True while at least [`STRESS_PERCENT`] of `max_total` slots are taken: sessions then
+    /// wait for commands `stress_command_timeout` at most, like Postfix under stress.
+    stress: watch::Sender<bool>,
 }
+
+/// Stress begins when this share of `max_connections` is in use, and ends below it.
+pub const STRESS_PERCENT: usize = 80;
 
 /// Holds one connection slot; frees it on drop.
 pub struct Slot {
@@ -75,7 +81,33 @@ impl ConnLimits {
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             idle: Notify::new(),
+            stress: watch::channel(false).0,
         })
+    }
+
+    /// Slots in use from which the server is under stress (at least 1).
+    fn stress_at(&self) -> usize {
+        (self.max_total.saturating_mul(STRESS_PERCENT) / 100).max(1)
+    }
+
+    /// Follows the stress state: true while the slots are nearly all taken.
+    pub fn stress(&self) -> watch::Receiver<bool> {
+        self.stress.subscribe()
+    }
+
+    /// Sets the stress state for `in_use` slots, logging each change.
+    fn note_use(&self, in_use: usize) {
+        let stressed = in_use >= self.stress_at();
+        let changed = self.stress.send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
+        if changed && stressed {
+            tracing::warn!(
+                in_use,
+                max_connections = self.max_total,
+                "under stress: connection slots nearly all taken; idle sessions get stress_command_timeout"
+            );
+        } else if changed {
+            tracing::info!(in_use, max_connections = self.max_total, "stress is over");
+        }
     }
 
     /// Takes a slot, or says which limit is reached. `exempt` peers skip the per-IP limit.
@@ -96,6 +128,7 @@ impl ConnLimits {
             *n += 1;
             counted_ip = Some(ip);
         }
+        self.note_use(self.active());
         Ok(Slot { limits: self.clone(), ip: counted_ip })
     }
 
@@ -129,8 +162,12 @@ impl Drop for Slot {
                 }
             }
         }
-        if self.limits.total.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let before = self.limits.total.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 {
             self.limits.idle.notify_waiters();
+        }
+        if before == self.limits.stress_at() {
+            self.limits.note_use(self.limits.active());
         }
     }
 }
@@ -212,6 +249,24 @@ mod tests {
         assert!(l.acquire(None, true).is_err(), "total limit");
         drop(a);
         assert!(l.acquire(Some(ip), false).is_ok());
+    }
+
+    #[test]
+    fn stress_from_eighty_percent_of_the_slots() {
+        let l = ConnLimits::new(10, 10);
+        let stress = l.stress();
+        let mut slots: Vec<Slot> = (0..7).map(|_| l.acquire(None, true).unwrap()).collect();
+        assert!(!*stress.borrow());
+        slots.push(l.acquire(None, true).unwrap());
+        assert!(*stress.borrow(), "8 of 10");
+        slots.push(l.acquire(None, true).unwrap());
+        slots.pop();
+        assert!(*stress.borrow(), "still 8");
+        slots.pop();
+        assert!(!*stress.borrow(), "7 of 10");
+        let one = ConnLimits::new(1, 1);
+        let _slot = one.acquire(None, true).unwrap();
+        assert!(*one.stress().borrow(), "one slot of one");
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct ConnContext {
     pub gate: Arc<Gate>,
     pub session: Arc<SessionConfig>,
     pub command_timeout: Duration,
+    /// Under stress (connection slots nearly all taken, see
+    /// [`crate::frontend::listener::ConnLimits`]), sessions wait
+    /// for commands this long at most. None: no stress mode.
+    pub stress: Option<(watch::Receiver<bool>, Duration)>,
     pub data_timeout: Duration,
     /// Bytes a second: DATA may last `data_timeout` plus a second per this many bytes (0: off).
     pub min_data_rate: u64,
@@ -77,6 +81,7 @@ where
         session.set_tls_policy(TlsPolicy { starttls: !tls.implicit, require: tls.require });
     }
     let mut shutdown = ctx.shutdown.clone();
+    let mut stress = ctx.stress.as_ref().map(|(rx, _)| rx.clone());
     let mut out = Vec::with_capacity(512);
     let mut buf: Vec<u8> = Vec::with_capacity(COMMAND_CHUNK);
     // When the first byte of the command line being received arrived.
@@ -85,6 +90,8 @@ where
     // a DATA pipelined right after the end of the previous one is a new DATA.
     let mut data_started: Option<(u32, Instant)> = None;
     let mut errors_answered = 0;
+    // The last byte received or reply sent: the idle timeouts count from there.
+    let mut last_active = started;
     let cause = 'session: {
         // Implicit TLS: the handshake comes before the greeting.
         if let Some(tls) = ctx.tls.as_ref().filter(|t| t.implicit) {
@@ -151,6 +158,10 @@ where
                 }
                 Event::NeedInput => {
                     tarpit(&session, &mut errors_answered, ctx.error_delay).await;
+                    if !out.is_empty() {
+                        // A reply: the client's turn, its idle time starts now.
+                        last_active = Instant::now();
+                    }
                     if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
                         break CloseCause::Error;
                     }
@@ -163,11 +174,15 @@ where
                     // A command line must arrive within command_timeout however it trickles in
                     // (the idle timer alone restarts with every byte).
                     let now = Instant::now();
+                    let command_timeout = match (&ctx.stress, &stress) {
+                        (Some((_, short)), Some(rx)) if *rx.borrow() => ctx.command_timeout.min(*short),
+                        _ => ctx.command_timeout,
+                    };
                     let partial = !session.in_data() && (!buf.is_empty() || session.mid_line());
                     let command_deadline = match (partial, command_started) {
                         (false, _) => None,
-                        (true, Some(since)) => Some(since + ctx.command_timeout),
-                        (true, None) => Some(*command_started.insert(now) + ctx.command_timeout),
+                        (true, Some(since)) => Some(since + command_timeout),
+                        (true, None) => Some(*command_started.insert(now) + command_timeout),
                     };
                     if !partial {
                         command_started = None;
@@ -186,7 +201,14 @@ where
                             None
                         }
                     };
-                    let until = [command_deadline, data_deadline].into_iter().flatten().fold(deadline, Instant::min);
+                    // Idle since the last byte or reply, not since this wait began: a session
+                    // already idle longer than stress_command_timeout is cut when stress begins.
+                    let idle = if session.in_data() { ctx.data_timeout } else { command_timeout };
+                    let idle_deadline = last_active.checked_add(idle);
+                    let until = [command_deadline, data_deadline, idle_deadline]
+                        .into_iter()
+                        .flatten()
+                        .fold(deadline, Instant::min);
                     // The deadlines hold even for a client that always has data ready (a read
                     // that never blocks would never see its timer fire).
                     if now >= until {
@@ -195,8 +217,7 @@ where
                         let _ = write(&mut stream, &mut out, write_limit(ctx, deadline)).await;
                         break CloseCause::Server("timeout");
                     }
-                    let idle = if session.in_data() { ctx.data_timeout } else { ctx.command_timeout };
-                    let wait = idle.min(until.saturating_duration_since(now));
+                    let wait = until.saturating_duration_since(now);
                     let chunk = if session.in_data() { READ_CHUNK } else { COMMAND_CHUNK };
                     if chunk == COMMAND_CHUNK && buf.is_empty() && buf.capacity() > COMMAND_CHUNK {
                         buf.shrink_to(COMMAND_CHUNK);
@@ -205,7 +226,7 @@ where
                     tokio::select! {
                         r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
                             Ok(Ok(0)) => break CloseCause::PeerClosed,
-                            Ok(Ok(_)) => {}
+                            Ok(Ok(_)) => last_active = Instant::now(),
                             Ok(Err(_)) => break CloseCause::Error,
                             Err(_) => {
                                 session.timeout(&mut out);
@@ -215,6 +236,8 @@ where
                             }
                         },
                         _ = shutdown.changed(), if !session.in_data() => {}
+                        // Stress began or ended: the deadlines are worked out again.
+                        _ = changed(&mut stress), if !session.in_data() => {}
                     }
                 }
             }
@@ -294,6 +317,17 @@ async fn tarpit(session: &Session, answered: &mut u32, delay: Duration) {
     if late > 0 && !delay.is_zero() {
         tokio::time::sleep(delay * late).await;
     }
+}
+
+/// Waits for the stress state to change; for ever without stress mode (or once the limits
+/// are gone, at shutdown).
+async fn changed(stress: &mut Option<watch::Receiver<bool>>) {
+    if let Some(rx) = stress
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// When a DATA begun at `since` must be over: `data_timeout`, plus one second for every

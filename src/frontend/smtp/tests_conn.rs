@@ -41,6 +41,7 @@ fn fixture(implicit: bool, require: bool) -> Fixture {
             verify_spf: false,
         }),
         command_timeout: Duration::from_secs(10),
+        stress: None,
         min_data_rate: 500,
         data_timeout: Duration::from_secs(10),
         session_timeout: Duration::from_secs(30),
