@@ -68,7 +68,8 @@ pub struct RejectEntry {
     /// `smtp`, `lmtp` or `policy`.
     pub listener: String,
     /// Refusals of the same kind from the same address since the previous entry that were
-    /// not logged (connections over the limits, see `frontend::refusals`). Left out when 0.
+    /// not logged (connections over the limits, see `frontend::refusals`; once 10,000
+    /// addresses are tracked, from any further address). Left out when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub suppressed: u64,
 }

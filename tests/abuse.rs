@@ -333,9 +333,9 @@ fn idle_connections() {
     eprintln!("[idle] at the end: {}", mem(g.pid()));
 }
 
-/// Stress mode: while 80% of `max_connections` are taken, a session idle for
+/// Stress mode: from 80% of `max_connections` taken, a session idle for
 /// `stress_command_timeout` (instead of `command_timeout`) is cut with `421 4.4.2` and
-/// `timeout`, until fewer than 80% are in use; the rest keep their sessions. Idle connections
+/// `timeout`, until fewer than 70% are in use; the rest keep their sessions. Idle connections
 /// from many addresses then cannot lock others out for long. Below 80%, nothing changes.
 #[test]
 fn stress_mode_cuts_idle_sessions() {
@@ -368,9 +368,9 @@ fn stress_mode_cuts_idle_sessions() {
         }
     }
     eprintln!("[stress] 19 of 20 slots taken, stress from 16: {cut} idle sessions cut after 2 s idle");
-    assert!((4..=19).contains(&cut), "{cut} cut: at least 4 must go to end the stress");
+    assert!((6..=19).contains(&cut), "{cut} cut: at least 6 must go to end the stress (below 14)");
     good_client(g.port, 10);
-    assert!(g.rejects("timeout").len() >= 4);
+    assert!(g.rejects("timeout").len() >= 6);
 }
 
 /// The default per-IP limit: the 51st connection from one address gets `421 4.7.0` and a

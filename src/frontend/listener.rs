@@ -59,13 +59,18 @@ pub struct ConnLimits {
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     idle: Notify,
-    /// True while at least [`STRESS_PERCENT`] of `max_total` slots are taken: sessions then
-    /// wait for commands `stress_command_timeout` at most, like Postfix under stress.
+    /// True from [`STRESS_PERCENT`] of `max_total` slots taken until fewer than
+    /// [`CALM_PERCENT`] are: sessions then wait for commands `stress_command_timeout` at most.
     stress: watch::Sender<bool>,
 }
 
-/// Stress begins when this share of `max_connections` is in use, and ends below it.
+/// Stress begins when this share of `max_connections` is in use...
 pub const STRESS_PERCENT: usize = 80;
+/// ...and ends below this one (a load hovering at the mark does not flip it, and wake every
+/// idle session, with each connection).
+pub const CALM_PERCENT: usize = 70;
+/// No stress mode below this many slots: one connection of two is not an attack.
+pub const STRESS_MIN_SLOTS: usize = 10;
 
 /// Holds one connection slot; frees it on drop.
 pub struct Slot {
@@ -85,20 +90,26 @@ impl ConnLimits {
         })
     }
 
-    /// Slots in use from which the server is under stress (at least 1).
-    fn stress_at(&self) -> usize {
-        (self.max_total.saturating_mul(STRESS_PERCENT) / 100).max(1)
-    }
-
     /// Follows the stress state: true while the slots are nearly all taken.
     pub fn stress(&self) -> watch::Receiver<bool> {
         self.stress.subscribe()
     }
 
-    /// Sets the stress state for `in_use` slots, logging each change.
-    fn note_use(&self, in_use: usize) {
-        let stressed = in_use >= self.stress_at();
-        let changed = self.stress.send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
+    /// Sets the stress state from the slots in use now, logging each change. Called after
+    /// every change of the count; the count is read under the state's lock, so the last call
+    /// decides.
+    fn note_use(&self) {
+        if self.max_total < STRESS_MIN_SLOTS {
+            return;
+        }
+        let mut in_use = 0;
+        let mut stressed = false;
+        let changed = self.stress.send_if_modified(|s| {
+            in_use = self.active();
+            let mark = if *s { CALM_PERCENT } else { STRESS_PERCENT };
+            stressed = in_use.saturating_mul(100) >= self.max_total.saturating_mul(mark);
+            std::mem::replace(s, stressed) != stressed
+        });
         if changed && stressed {
             tracing::warn!(
                 in_use,
@@ -114,6 +125,7 @@ impl ConnLimits {
     pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>, exempt: bool) -> Result<Slot, &'static str> {
         if self.total.fetch_add(1, Ordering::SeqCst) >= self.max_total {
             self.total.fetch_sub(1, Ordering::SeqCst);
+            self.note_use();
             return Err("too many connections");
         }
         let mut counted_ip = None;
@@ -123,12 +135,13 @@ impl ConnLimits {
             if *n >= self.max_per_ip {
                 drop(map);
                 self.total.fetch_sub(1, Ordering::SeqCst);
+                self.note_use();
                 return Err("too many connections from your address");
             }
             *n += 1;
             counted_ip = Some(ip);
         }
-        self.note_use(self.active());
+        self.note_use();
         Ok(Slot { limits: self.clone(), ip: counted_ip })
     }
 
@@ -166,9 +179,7 @@ impl Drop for Slot {
         if before == 1 {
             self.limits.idle.notify_waiters();
         }
-        if before == self.limits.stress_at() {
-            self.limits.note_use(self.limits.active());
-        }
+        self.limits.note_use();
     }
 }
 
@@ -252,21 +263,30 @@ mod tests {
     }
 
     #[test]
-    fn stress_from_eighty_percent_of_the_slots() {
+    fn stress_from_eighty_percent_of_the_slots_until_below_seventy() {
         let l = ConnLimits::new(10, 10);
         let stress = l.stress();
         let mut slots: Vec<Slot> = (0..7).map(|_| l.acquire(None, true).unwrap()).collect();
         assert!(!*stress.borrow());
         slots.push(l.acquire(None, true).unwrap());
         assert!(*stress.borrow(), "8 of 10");
+        slots.pop();
+        assert!(*stress.borrow(), "7 of 10: not below 70% yet");
+        slots.pop();
+        assert!(!*stress.borrow(), "6 of 10");
         slots.push(l.acquire(None, true).unwrap());
+        assert!(!*stress.borrow(), "7 of 10 on the way up");
+        // a refusal (which counts for a moment) leaves it right
+        let many: Vec<Slot> = (0..3).map(|_| l.acquire(None, true).unwrap()).collect();
+        assert!(l.acquire(None, true).is_err());
+        assert!(*stress.borrow(), "10 of 10");
+        drop(many);
+        assert!(*stress.borrow(), "7 of 10");
         slots.pop();
-        assert!(*stress.borrow(), "still 8");
-        slots.pop();
-        assert!(!*stress.borrow(), "7 of 10");
-        let one = ConnLimits::new(1, 1);
-        let _slot = one.acquire(None, true).unwrap();
-        assert!(*one.stress().borrow(), "one slot of one");
+        assert!(!*stress.borrow(), "6 of 10");
+        let small = ConnLimits::new(STRESS_MIN_SLOTS - 1, 10);
+        let _all: Vec<Slot> = (0..STRESS_MIN_SLOTS - 1).map(|_| small.acquire(None, true).unwrap()).collect();
+        assert!(!*small.stress().borrow(), "no stress mode on a small server");
     }
 
     #[test]

@@ -96,7 +96,10 @@ where
         // Implicit TLS: the handshake comes before the greeting.
         if let Some(tls) = ctx.tls.as_ref().filter(|t| t.implicit) {
             match Box::pin(stream.upgrade(tls.acceptor(), write_limit(ctx, deadline))).await {
-                Ok(info) => session.tls_started(info),
+                Ok(info) => {
+                    session.tls_started(info);
+                    last_active = Instant::now();
+                }
                 Err(e) => {
                     handshake_failed(ctx, &peer, &e);
                     break 'session CloseCause::Server("tls_failed");
@@ -144,7 +147,10 @@ where
                     let Some(tls) = &ctx.tls else { break CloseCause::Error };
                     // The handshake counts against the command timeout.
                     match Box::pin(stream.upgrade(tls.acceptor(), write_limit(ctx, deadline))).await {
-                        Ok(info) => session.tls_started(info),
+                        Ok(info) => {
+                            session.tls_started(info);
+                            last_active = Instant::now();
+                        }
                         Err(e) => {
                             handshake_failed(ctx, &peer, &e);
                             break CloseCause::Server("tls_failed");
@@ -158,12 +164,13 @@ where
                 }
                 Event::NeedInput => {
                     tarpit(&session, &mut errors_answered, ctx.error_delay).await;
-                    if !out.is_empty() {
-                        // A reply: the client's turn, its idle time starts now.
-                        last_active = Instant::now();
-                    }
+                    let replied = !out.is_empty();
                     if write(&mut stream, &mut out, write_limit(ctx, deadline)).await.is_err() {
                         break CloseCause::Error;
+                    }
+                    if replied {
+                        // The client's turn: its idle time starts now.
+                        last_active = Instant::now();
                     }
                     if *shutdown.borrow() && !session.in_data() {
                         session.shutdown(&mut out);
@@ -174,10 +181,7 @@ where
                     // A command line must arrive within command_timeout however it trickles in
                     // (the idle timer alone restarts with every byte).
                     let now = Instant::now();
-                    let command_timeout = match (&ctx.stress, &stress) {
-                        (Some((_, short)), Some(rx)) if *rx.borrow() => ctx.command_timeout.min(*short),
-                        _ => ctx.command_timeout,
-                    };
+                    let command_timeout = command_timeout(ctx);
                     let partial = !session.in_data() && (!buf.is_empty() || session.mid_line());
                     let command_deadline = match (partial, command_started) {
                         (false, _) => None,
@@ -341,10 +345,19 @@ fn data_deadline(since: Instant, received: u64, data_timeout: Duration, min_rate
     since.checked_add(data_timeout.saturating_add(earned))
 }
 
+/// `command_timeout`, or `stress_command_timeout` while the server is under stress.
+fn command_timeout(ctx: &ConnContext) -> Duration {
+    match &ctx.stress {
+        Some((rx, short)) if *rx.borrow() => ctx.command_timeout.min(*short),
+        _ => ctx.command_timeout,
+    }
+}
+
 /// How long one write may take: a client that stops reading must not hold its connection
-/// slot forever. At least a second, so the final 421 of an expired session still goes out.
+/// slot forever (under stress, no longer than an idle one). At least a second, so the final
+/// 421 of an expired session still goes out.
 fn write_limit(ctx: &ConnContext, deadline: Instant) -> Duration {
-    ctx.command_timeout.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_secs(1))
+    command_timeout(ctx).min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_secs(1))
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
