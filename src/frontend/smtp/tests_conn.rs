@@ -2,7 +2,7 @@
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::*;
-use crate::config::{MailboxConfig, PolicyConfig, RouteSet};
+use crate::config::PolicyConfig;
 use crate::frontend::tls::{CertStore, test_connector, write_test_pair};
 
 struct Fixture {
@@ -16,30 +16,13 @@ fn fixture(implicit: bool, require: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (files, cert) = write_test_pair(dir.path(), "mx");
     let store = Arc::new(CertStore::load(&files).unwrap());
-    let mb = MailboxConfig {
-        name: "incoming".into(),
-        address: "incoming+%{key}@localhost".into(),
-        reply_host: None,
-        routes: RouteSet::Gitlab,
-        auth: None,
-    };
     let (stop, shutdown) = watch::channel(false);
     let ctx = ConnContext {
         spool: Spool::open(&dir.path().join("spool"), Default::default()).unwrap(),
         auth: None,
-        gate: Arc::new(Gate::new(&[mb], &PolicyConfig::default()).unwrap()),
-        session: Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            lmtp: false,
-            after_queue: false,
-            listener: "smtp",
-            max_message_size: 10_000,
-            max_recipients: 10,
-            max_errors: 10,
-            max_line_length: 1000,
-            verify: false,
-            verify_spf: false,
-        }),
+        gate: super::super::tests::gate(PolicyConfig::default()),
+        // ten errors, as the tarpit test counts them
+        session: Arc::new(SessionConfig { max_errors: 10, ..(*super::super::tests::config(false, false)).clone() }),
         command_timeout: Duration::from_secs(10),
         stress: None,
         min_data_rate: 500,
@@ -50,6 +33,22 @@ fn fixture(implicit: bool, require: bool) -> Fixture {
         tls: Some(Arc::new(ListenerTls::new(store, implicit, require))),
     };
     Fixture { _dir: dir, _stop: stop, ctx: Arc::new(ctx), cert }
+}
+
+/// A plaintext fixture, its context changed by `change`.
+fn plain(change: impl FnOnce(&mut ConnContext)) -> Fixture {
+    let mut f = fixture(false, false);
+    let ctx = Arc::get_mut(&mut f.ctx).expect("not shared yet");
+    ctx.tls = None;
+    change(ctx);
+    f
+}
+
+/// A session of the driver over an in-memory connection: its task, and the client's end.
+fn connect(f: &Fixture) -> (tokio::task::JoinHandle<CloseCause>, BufReader<tokio::io::DuplexStream>) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let ctx = f.ctx.clone();
+    (tokio::spawn(async move { run(server, peer(), &ctx).await }), BufReader::new(client))
 }
 
 fn peer() -> Peer {
@@ -74,10 +73,7 @@ async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> String {
 #[tokio::test]
 async fn the_driver_drops_what_was_pipelined_after_starttls() {
     let f = fixture(false, false);
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut client = BufReader::new(client);
+    let (task, mut client) = connect(&f);
     assert!(reply(&mut client).await.starts_with("220 mx.test ESMTP"));
     // one write: the injected commands arrive with STARTTLS in the same read
     client
@@ -107,10 +103,8 @@ async fn the_driver_drops_what_was_pipelined_after_starttls() {
 #[tokio::test]
 async fn implicit_tls_handshakes_before_the_greeting_and_a_failed_handshake_closes() {
     let f = fixture(true, false);
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let tls = test_connector(f.cert.clone()).connect("mx.test".try_into().unwrap(), client).await.unwrap();
+    let (task, client) = connect(&f);
+    let tls = test_connector(f.cert.clone()).connect("mx.test".try_into().unwrap(), client.into_inner()).await.unwrap();
     let mut tls = BufReader::new(tls);
     assert!(reply(&mut tls).await.starts_with("220 mx.test ESMTP"));
     tls.get_mut().write_all(b"EHLO c.example\r\nQUIT\r\n").await.unwrap();
@@ -119,10 +113,7 @@ async fn implicit_tls_handshakes_before_the_greeting_and_a_failed_handshake_clos
     assert_eq!(task.await.unwrap(), CloseCause::Server("quit"));
 
     // a plaintext client on an implicit-TLS listener: no greeting, closed
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut client = BufReader::new(client);
+    let (task, mut client) = connect(&f);
     client.get_mut().write_all(b"EHLO c.example\r\n").await.unwrap();
     assert_eq!(task.await.unwrap(), CloseCause::Server("tls_failed"));
     let mut rest = Vec::new();
@@ -133,10 +124,7 @@ async fn implicit_tls_handshakes_before_the_greeting_and_a_failed_handshake_clos
 #[tokio::test]
 async fn a_failed_starttls_handshake_closes_the_connection() {
     let f = fixture(false, true);
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut client = BufReader::new(client);
+    let (task, mut client) = connect(&f);
     reply(&mut client).await;
     client.get_mut().write_all(b"EHLO c.example\r\n").await.unwrap();
     reply(&mut client).await;
@@ -152,14 +140,10 @@ async fn a_failed_starttls_handshake_closes_the_connection() {
 /// although every byte restarts the idle timer; whole commands, however slow, are not.
 #[tokio::test]
 async fn a_trickled_command_line_is_cut_after_the_command_timeout() {
-    let mut f = fixture(false, false);
-    let ctx = Arc::get_mut(&mut f.ctx).unwrap();
-    ctx.tls = None;
-    ctx.command_timeout = Duration::from_millis(600);
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut client = BufReader::new(client);
+    let f = plain(|ctx| {
+        ctx.command_timeout = Duration::from_millis(600);
+    });
+    let (task, mut client) = connect(&f);
     assert!(reply(&mut client).await.starts_with("220 "));
     // slow, but each command line whole within the timeout
     for _ in 0..3 {
@@ -193,14 +177,10 @@ async fn a_trickled_command_line_is_cut_after_the_command_timeout() {
 /// Bad commands after the second are answered `error_delay` late each.
 #[tokio::test]
 async fn errors_after_the_second_are_answered_late() {
-    let mut f = fixture(false, false);
-    let ctx = Arc::get_mut(&mut f.ctx).unwrap();
-    ctx.tls = None;
-    ctx.error_delay = Duration::from_millis(100);
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut client = BufReader::new(client);
+    let f = plain(|ctx| {
+        ctx.error_delay = Duration::from_millis(100);
+    });
+    let (task, mut client) = connect(&f);
     assert!(reply(&mut client).await.starts_with("220 "));
     let started = Instant::now();
     client.get_mut().write_all(b"FOO\r\nBAR\r\n").await.unwrap();
@@ -222,11 +202,10 @@ async fn errors_after_the_second_are_answered_late() {
 /// after `data_timeout`.
 #[tokio::test]
 async fn data_slower_than_min_data_rate_is_cut() {
-    let mut f = fixture(false, false);
-    let ctx = Arc::get_mut(&mut f.ctx).unwrap();
-    ctx.tls = None;
-    ctx.data_timeout = Duration::from_millis(800);
-    ctx.min_data_rate = 500;
+    let f = plain(|ctx| {
+        ctx.data_timeout = Duration::from_millis(800);
+        ctx.min_data_rate = 500;
+    });
     let (client, server) = tokio::io::duplex(64 * 1024);
     let ctx = f.ctx.clone();
     let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
