@@ -162,9 +162,16 @@ async fn a_trickled_command_line_is_cut_after_the_command_timeout() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let cause = tokio::select! {
-        c = task => c.unwrap(),
-        _ = trickle => panic!("the trickle ended first"),
+    // The trickle only ends when the server has closed: the session's end is then ready too,
+    // and select! may see either first.
+    let mut task = task;
+    let ended = tokio::select! {
+        c = &mut task => Some(c.unwrap()),
+        _ = trickle => None,
+    };
+    let cause = match ended {
+        Some(cause) => cause,
+        None => task.await.unwrap(),
     };
     assert_eq!(cause, CloseCause::Server("timeout"));
     let took = started.elapsed();
@@ -248,9 +255,16 @@ async fn data_slower_than_min_data_rate_is_cut() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    let cause = tokio::select! {
-        r = task => r.unwrap(),
-        _ = trickle => panic!("the trickle ended first"),
+    // The trickle only ends when the server has closed: the session's end is then ready too,
+    // and select! may see either first.
+    let mut task = task;
+    let ended = tokio::select! {
+        c = &mut task => Some(c.unwrap()),
+        _ = trickle => None,
+    };
+    let cause = match ended {
+        Some(cause) => cause,
+        None => task.await.unwrap(),
     };
     let took = started.elapsed();
     assert_eq!(cause, CloseCause::Server("timeout"));
