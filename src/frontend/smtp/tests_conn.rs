@@ -51,6 +51,23 @@ fn connect(f: &Fixture) -> (tokio::task::JoinHandle<CloseCause>, BufReader<tokio
     (tokio::spawn(async move { run(server, peer(), &ctx).await }), BufReader::new(client))
 }
 
+/// Runs `trickle` (a client sending slowly, for ever) until the session ends; its cause.
+/// The trickle only ends once the server has closed: the session's end is then ready too, and
+/// select! may see either first.
+async fn trickle_until_closed(
+    mut task: tokio::task::JoinHandle<CloseCause>,
+    trickle: impl std::future::Future<Output = ()>,
+) -> CloseCause {
+    let ended = tokio::select! {
+        c = &mut task => Some(c.unwrap()),
+        _ = trickle => None,
+    };
+    match ended {
+        Some(cause) => cause,
+        None => task.await.unwrap(),
+    }
+}
+
 fn peer() -> Peer {
     Peer { ip: Some("192.0.2.1".parse().unwrap()), trusted: false }
 }
@@ -162,17 +179,7 @@ async fn a_trickled_command_line_is_cut_after_the_command_timeout() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    // The trickle only ends when the server has closed: the session's end is then ready too,
-    // and select! may see either first.
-    let mut task = task;
-    let ended = tokio::select! {
-        c = &mut task => Some(c.unwrap()),
-        _ = trickle => None,
-    };
-    let cause = match ended {
-        Some(cause) => cause,
-        None => task.await.unwrap(),
-    };
+    let cause = trickle_until_closed(task, trickle).await;
     assert_eq!(cause, CloseCause::Server("timeout"));
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(550) && took < Duration::from_secs(3), "{took:?}");
@@ -255,17 +262,7 @@ async fn data_slower_than_min_data_rate_is_cut() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    // The trickle only ends when the server has closed: the session's end is then ready too,
-    // and select! may see either first.
-    let mut task = task;
-    let ended = tokio::select! {
-        c = &mut task => Some(c.unwrap()),
-        _ = trickle => None,
-    };
-    let cause = match ended {
-        Some(cause) => cause,
-        None => task.await.unwrap(),
-    };
+    let cause = trickle_until_closed(task, trickle).await;
     let took = started.elapsed();
     assert_eq!(cause, CloseCause::Server("timeout"));
     assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(2), "{took:?}");
