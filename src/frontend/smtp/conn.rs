@@ -108,7 +108,7 @@ where
         }
         session.greeting(&mut out);
         loop {
-            let large = session.may_end_message(&buf).is_some_and(offload::wanted);
+            let large = session.may_end_message(&buf, offload::LARGE).is_some_and(offload::wanted);
             let (consumed, event) = offload::call(large, || session.process(&buf, &mut out));
             buf.drain(..consumed);
             flush_rejects(&mut session, &ctx.spool);

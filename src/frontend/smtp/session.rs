@@ -188,13 +188,15 @@ impl Session {
     }
 
     /// The size of the message being received when `input` may end it (it holds a line
-    /// `.`), else None. The end of DATA parses, checks and stores the message: the driver
-    /// runs that off its async workers for large messages.
-    pub fn may_end_message(&self, input: &[u8]) -> Option<u64> {
+    /// `.`) and that size is at least `at_least`, else None. The end of DATA parses, checks
+    /// and stores the message: the driver runs that off its async workers for large messages.
+    /// The size is compared first, so small messages cost no second pass over the input.
+    pub fn may_end_message(&self, input: &[u8], at_least: u64) -> Option<u64> {
         let State::Data(rx) = &self.state else { return None };
+        let size = rx.received().saturating_add(input.len() as u64);
         // Partial lines stay in the input, so the final `.` line is whole in it.
-        let ends = input.starts_with(b".\r\n") || memchr::memmem::find(input, b"\n.\r\n").is_some();
-        ends.then(|| rx.received().saturating_add(input.len() as u64))
+        let ends = || input.starts_with(b".\r\n") || memchr::memmem::find(input, b"\n.\r\n").is_some();
+        (size >= at_least && ends()).then_some(size)
     }
 
     pub fn is_closed(&self) -> bool {

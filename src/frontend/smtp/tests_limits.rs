@@ -95,17 +95,20 @@ fn a_message_nested_10000_deep_is_refused_at_the_default_limits() {
 #[test]
 fn the_end_of_a_message_is_announced_with_its_size() {
     let mut h = Harness::new(false, false, false);
-    assert_eq!(h.s.may_end_message(b".\r\n"), None, "not in DATA");
+    assert_eq!(h.s.may_end_message(b".\r\n", 0), None, "not in DATA");
     h.ehlo();
     open_data(&mut h);
     assert!(h.send(b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n").is_empty());
     let received = 41;
-    assert_eq!(h.s.may_end_message(b"more\r\n"), None);
-    assert_eq!(h.s.may_end_message(b"a.\r\n"), None);
-    assert_eq!(h.s.may_end_message(b"..\r\n"), None, "a stuffed dot is data");
-    assert_eq!(h.s.may_end_message(b".\r\n"), Some(received + 3));
-    assert_eq!(h.s.may_end_message(b"x\r\n.\r\n"), Some(received + 6));
+    assert_eq!(h.s.may_end_message(b"more\r\n", 0), None);
+    assert_eq!(h.s.may_end_message(b"a.\r\n", 0), None);
+    assert_eq!(h.s.may_end_message(b"..\r\n", 0), None, "a stuffed dot is data");
+    assert_eq!(h.s.may_end_message(b".\r\n", 0), Some(received + 3));
+    assert_eq!(h.s.may_end_message(b"x\r\n.\r\n", 0), Some(received + 6));
     let r = h.send(b".\r\n");
     assert!(r[0].starts_with("250 2.0.0 Ok: queued as"), "{r:?}");
-    assert_eq!(h.s.may_end_message(b".\r\n"), None);
+    assert_eq!(h.s.may_end_message(b".\r\n", 0), None);
+    open_data(&mut h);
+    assert_eq!(h.s.may_end_message(b".\r\n", 4), None, "smaller than asked");
+    assert_eq!(h.s.may_end_message(b".\r\n", 3), Some(3));
 }
