@@ -4,8 +4,8 @@
 //! Trees: `jobs` (id -> record), `state` (state tag + id -> mailbox; ready jobs waiting for a
 //! retry have their own tag), `leases` (timers: when ms + id, for lease ends, retry waits and
 //! purges), `rawloc` (raw message blob id -> its place in a segment file, see `segments.rs`),
-//! `raw` (blob id + chunk index -> at most 4 KiB: the full records of big jobs, and raw
-//! messages of spools written before segment files), `refs` (raw blob id + job id: who
+//! `raw` (blob id + chunk index -> at most 4 KiB: raw messages and full records of big jobs
+//! from spools written before segment files; read and removed, never written), `refs` (raw blob id + job id: who
 //! uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
 //! entry JSON). A job record, its state index entry, its timer and its dedup entries always
 //! change in one transaction.
@@ -404,10 +404,14 @@ impl Spool {
     /// Removes blob `id`: a raw message (its pointer; the segment space is freed with the
     /// segment's last message) or a chunked blob in the raw tree.
     fn remove_blob(&self, id: u64) -> Result<(), SpoolError> {
-        if let Some(v) = self.0.rawloc.remove(segments::loc_key(id))? {
-            self.0.segments.release(&segments::Loc::decode(&v)?);
+        match self.0.rawloc.remove(segments::loc_key(id))? {
+            Some(v) => {
+                self.0.segments.release(&segments::Loc::decode(&v)?);
+                Ok(())
+            }
+            // Only blobs from before segment files are in the raw tree.
+            None => raw::remove(&self.0.raw, id),
         }
-        raw::remove(&self.0.raw, id)
     }
 
     /// Segment files on disk now.
