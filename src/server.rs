@@ -30,6 +30,8 @@ pub enum ServerError {
     Auth(#[from] crate::auth::AuthError),
     #[error("delivery: {0}")]
     Delivery(#[from] crate::delivery::DeliveryError),
+    #[error("cannot start the delivery runtime: {0}")]
+    DeliveryRuntime(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("listener {address}: TLS: {source}")]
@@ -160,7 +162,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
             }
         })
     });
-    let workers = crate::delivery::spawn(&deliverers, &spool, &shutdown_rx);
+    let workers = crate::delivery::spawn(&deliverers, &spool, &shutdown_rx).map_err(ServerError::DeliveryRuntime)?;
     for m in &config.mailbox {
         if !deliverers.iter().any(|d| d.mailboxes.is_empty() || d.mailboxes.contains(&m.name)) {
             tracing::info!(mailbox = %m.name, "no [[deliver]] entry for this mailbox: its jobs wait for the pull API");
@@ -180,8 +182,7 @@ pub async fn serve(config: Config) -> Result<(), ServerError> {
     }
     // Workers take no new job once told to stop; an attempt in flight may finish within the
     // grace period. One cut off leaves a push lease that the next start releases.
-    let stop_workers = futures_join_all(workers);
-    if tokio::time::timeout(config.server.shutdown_grace, stop_workers).await.is_err() {
+    if !workers.stop(config.server.shutdown_grace).await {
         tracing::warn!(
             "deliveries still in flight after the shutdown grace period; they are retried at the next start"
         );
@@ -225,13 +226,6 @@ fn raise_open_file_limit(max_connections: usize) {
             needed,
             "open-file limit below 2 x max_connections + 64: connections beyond it cannot be accepted"
         );
-    }
-}
-
-/// Waits for every task in turn.
-async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
     }
 }
 

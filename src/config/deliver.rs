@@ -72,8 +72,9 @@ impl DeliverConfig {
     }
 
     pub fn concurrency(&self) -> usize {
-        // 4 fell behind a full-speed intake on 2 cores in `make bench`; 8 kept up.
-        self.concurrency.unwrap_or(8)
+        // In `make bench` on 2 cores, intake and delivery share the runtime: a worker's round
+        // trip slows to ~6 ms under a full-speed intake, and 8 workers fell behind it; 16 kept up.
+        self.concurrency.unwrap_or(16)
     }
 
     pub fn timeout(&self) -> Duration {

@@ -73,7 +73,8 @@ impl Spool {
         self.commit().await?;
         drop(pending);
         if outcomes.iter().any(|o| matches!(o, StoreOutcome::Stored { .. })) {
-            self.0.ready.notify_waiters();
+            // One worker, not all: a worker that finds a job wakes the next (delivery/worker.rs).
+            self.0.ready.notify_one();
         }
         Ok(outcomes)
     }

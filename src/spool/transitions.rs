@@ -185,7 +185,8 @@ impl Spool {
             self.count(record.job.mailbox.as_bytes(), Some(old_tag), Some(new_tag));
         }
         if change.frees() {
-            self.0.ready.notify_waiters();
+            // One worker, not all: a worker that finds a job wakes the next (delivery/worker.rs).
+            self.0.ready.notify_one();
         }
         Ok(record)
     }
@@ -250,8 +251,10 @@ impl Spool {
         record.load(self).map(Some)
     }
 
-    /// Waits until jobs may have become ready (stored, released, retried, due) or `timeout`
-    /// passes. Create the `Notified` future before checking for work to avoid a lost wake-up.
+    /// Signalled (`notify_one`) when jobs may have become ready: stored, released, retried, due.
+    /// Create the `Notified` future before checking for work to avoid a lost wake-up; a worker
+    /// that finds a job passes the signal on, so a burst wakes workers one by one and a single
+    /// new job wakes one worker instead of all of them.
     pub fn ready_signal(&self) -> &tokio::sync::Notify {
         &self.0.ready
     }
