@@ -20,6 +20,7 @@ SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-4096}
 DL_MESSAGES=${DL_MESSAGES:-20000}
 DL_CONCURRENCY=${DL_CONCURRENCY:-"4 8 16"}
+DL_MORE_SESSIONS=${DL_MORE_SESSIONS:-50}   # concurrent runs at the default concurrency (16) with more sessions
 TIMEOUT=${DL_TIMEOUT:-300}               # seconds to wait for one run's delivery
 KEY=0123456789abcdef0123456789abcdef
 RCPT="incoming+$KEY@localhost"
@@ -154,16 +155,16 @@ PY
 }
 
 # --- b. concurrent ----------------------------------------------------------------------------
-# concurrent KIND CONC -> "intake max_backlog backlog_at_end drain_after_s last_after_s p50 p99 max matched unique dead warn/err mg_cpu early% busy%"
+# concurrent KIND CONC SESSIONS -> "intake max_backlog backlog_at_end drain_after_s last_after_s p50 p99 max matched unique dead warn/err mg_cpu early% busy%"
 concurrent() {
-  local kind=$1 conc=$2 d lg t_end spid cpu c0 busy
-  d="$work/conc-$kind-$conc"; mkdir -p "$d"
+  local kind=$1 conc=$2 sessions=$3 d lg t_end spid cpu c0 busy
+  d="$work/conc-$kind-$conc-$sessions"; mkdir -p "$d"
   sink_start "$kind" "$d"
   mg_start "$d" "$(deliver_toml "$kind" "$conc" "$SINK_TARGET")"
   sampler "$HTTP" "$d/stats.txt" &
   spid=$!; pids+=("$spid")
   c0=$(cpu_snap)
-  lg=$($LOADGEN "127.0.0.1:$SMTP" --sessions "$SESSIONS" --messages "$N" --size "$SIZE" --times "$d/times.tsv")
+  lg=$($LOADGEN "127.0.0.1:$SMTP" --sessions "$sessions" --messages "$N" --size "$SIZE" --times "$d/times.tsv")
   t_end=$(now)
   wait "$spid" || log "concurrent $kind c=$conc: done never reached $N"; forget "$spid"
   cpu=$(cpu_s "$mg_pid"); busy=$(busy_pct "$c0" "$(cpu_snap)")
@@ -202,23 +203,32 @@ PY
 }
 
 declare -A D C
+runs=()   # "kind concurrency sessions" of every concurrent run, in table order
 for kind in webhook sidekiq; do
   for conc in $DL_CONCURRENCY; do
     D[$kind/$conc]=$(drain "$kind" "$conc")
     log "drain $kind concurrency $conc: ${D[$kind/$conc]}"
-    C[$kind/$conc]=$(concurrent "$kind" "$conc")
-    log "concurrent $kind concurrency $conc: ${C[$kind/$conc]}"
+    C[$kind/$conc/$SESSIONS]=$(concurrent "$kind" "$conc" "$SESSIONS")
+    log "concurrent $kind concurrency $conc: ${C[$kind/$conc/$SESSIONS]}"
+    runs+=("$kind $conc $SESSIONS")
+  done
+  for s in $DL_MORE_SESSIONS; do
+    C[$kind/16/$s]=$(concurrent "$kind" 16 "$s")
+    log "concurrent $kind concurrency 16, $s sessions: ${C[$kind/16/$s]}"
+    runs+=("$kind 16 $s")
   done
 done
 
-verdict() { # KIND -> one line: per concurrency, whether the backlog stayed under one second of
-             # intake and was gone within 5 s of intake's end
-  local kind=$1 parts=() conc intake maxb at_end gone v
-  for conc in $DL_CONCURRENCY; do
-    read -r intake maxb at_end gone _ <<<"${C[$kind/$conc]}"
+verdict() { # KIND -> one line: per concurrent run, whether the backlog stayed under one second
+             # of intake and was gone within 5 s of intake's end
+  local kind=$1 parts=() k conc sessions intake maxb at_end gone v
+  for run in "${runs[@]}"; do
+    read -r k conc sessions <<<"$run"
+    [ "$k" = "$kind" ] || continue
+    read -r intake maxb at_end gone _ <<<"${C[$kind/$conc/$sessions]}"
     if python3 -c "import sys; sys.exit(0 if float('$gone') <= 5 and float('$maxb') <= float('$intake') else 1)" 2>/dev/null
     then v="keeps up"; else v="falls behind"; fi
-    parts+=("concurrency $conc: $v at $intake msg/s (backlog at most $maxb, $at_end when intake ended, gone $gone s later)")
+    parts+=("concurrency $conc, $sessions sessions: $v at $intake msg/s (backlog at most $maxb, $at_end when intake ended, gone $gone s later)")
   done
   local IFS=';'
   echo "${parts[*]}" | sed 's/;/; /g'
@@ -231,7 +241,8 @@ cat <<EOF
 Push delivery (\`[[deliver]]\`) from mailgate's spool to a local receiver: examples/deliverysink.rs
 as the webhook endpoint (axum on loopback, answers 200 \`{"success":true}\` at once), and as a
 Sidekiq consumer popping mailgate's \`LPUSH\`es off a real redis-server $redis_version (\`--save "" --appendonly no\`,
-loopback). Authentication off, $SIZE-byte messages, $SESSIONS SMTP sessions, one run per cell; the
+loopback). Authentication off, $SIZE-byte messages, $SESSIONS SMTP sessions (the concurrent runs also at
+$DL_MORE_SESSIONS with the default 16 workers), one run per cell; the
 receiver, Redis, mailgate and the load generator share the machine's $mg_cpu_note cores.
 Target (issue): delivery keeps up with intake, no growing backlog at the intake benchmark's rate.
 
@@ -259,12 +270,13 @@ of messages that reached the receiver before loadgen had read their 250 (negativ
 "machine busy": all cores, from loadgen's start until done = $N. Intake with no deliverer: the
 last column of the drain table.
 
-| receiver | concurrency | intake msg/s | max backlog | backlog at intake end | gone after s | last arrival after s | 250 → receiver p50 ms | p99 ms | max ms | before the 250 | matched | dead | log warn/error | mailgate CPU s | machine busy |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
-$(for kind in webhook sidekiq; do for conc in $DL_CONCURRENCY; do
-  read -r intake maxb at_end gone last p50 p99 mx matched _ dead we cpu early busy <<<"${C[$kind/$conc]}"
-  echo "| $kind | $conc | $intake | $maxb | $at_end | $gone | $last | $p50 | $p99 | $mx | $early % | $matched | $dead | $we | $cpu | $busy % |"
-done; done)
+| receiver | concurrency | sessions | intake msg/s | max backlog | backlog at intake end | gone after s | last arrival after s | 250 → receiver p50 ms | p99 ms | max ms | before the 250 | matched | dead | log warn/error | mailgate CPU s | machine busy |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+$(for run in "${runs[@]}"; do
+  read -r kind conc sessions <<<"$run"
+  read -r intake maxb at_end gone last p50 p99 mx matched _ dead we cpu early busy <<<"${C[$kind/$conc/$sessions]}"
+  echo "| $kind | $conc | $sessions | $intake | $maxb | $at_end | $gone | $last | $p50 | $p99 | $mx | $early % | $matched | $dead | $we | $cpu | $busy % |"
+done)
 
 Keeps up? (the backlog never more than one second of intake, and gone within 5 s of the end of
 intake; a measurement, not a test)
@@ -278,14 +290,14 @@ Commands (PORT, SINKPORT, REDISPORT: free loopback ports; FILE: temp files):
 $REDIS --port REDISPORT --bind 127.0.0.1 --save "" --appendonly no --daemonize no
 $SINK http 127.0.0.1:SINKPORT --expect $N --out FILE --idle-exit 60
 $SINK redis redis://127.0.0.1:REDISPORT/0 queue:QUEUE --expect $N --out FILE --idle-exit 60
-$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS --messages $N --size $SIZE [--times FILE]
+$LOADGEN 127.0.0.1:PORT --sessions $SESSIONS (or $DL_MORE_SESSIONS) --messages $N --size $SIZE [--times FILE]
 MAILGATE_LOG=warn $BIN serve --config FILE
 \`\`\`
 
 mailgate's config (webhook, concurrency ${DL_CONCURRENCY%% *}; the drain's first start has no \`[[deliver]]\`):
 
 \`\`\`toml
-$(sed -e 's/address = "127.0.0.1:[0-9]*"/address = "127.0.0.1:PORT"/; s/listen = "127.0.0.1:[0-9]*"/listen = "127.0.0.1:HTTP"/; s|url = "http://127.0.0.1:[0-9]*/|url = "http://127.0.0.1:SINKPORT/|; s|dir = ".*"|dir = "/tmp/DIR/spool"|; s|secret_file = ".*"|secret_file = "FILE"|' "$work/conc-webhook-${DL_CONCURRENCY%% *}/mailgate.toml")
+$(sed -e 's/address = "127.0.0.1:[0-9]*"/address = "127.0.0.1:PORT"/; s/listen = "127.0.0.1:[0-9]*"/listen = "127.0.0.1:HTTP"/; s|url = "http://127.0.0.1:[0-9]*/|url = "http://127.0.0.1:SINKPORT/|; s|dir = ".*"|dir = "/tmp/DIR/spool"|; s|secret_file = ".*"|secret_file = "FILE"|' "$work/conc-webhook-${DL_CONCURRENCY%% *}-$SESSIONS/mailgate.toml")
 # or, for Sidekiq, instead of the webhook entry:
 $(deliver_toml sidekiq "${DL_CONCURRENCY%% *}" QUEUE | sed "s|$REDIS_URL|redis://127.0.0.1:REDISPORT/0|")
 \`\`\`
