@@ -155,7 +155,7 @@ async fn a_job_is_not_leased_before_the_commit_that_covers_it() {
 #[tokio::test]
 async fn a_stored_job_wakes_one_idle_worker_not_all() {
     use std::future::Future;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path(), Duration::from_secs(3600));
     // Three idle workers waiting for the signal, registered as delivery/worker.rs does.
