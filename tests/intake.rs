@@ -346,6 +346,22 @@ fn policy_service_answers_postfix_and_nobody_else() {
     assert_eq!(entries[0]["stage"], "rcpt");
     assert_eq!(entries[0]["client_ip"], "198.51.100.7");
     assert_eq!(entries[0]["reason"], "unknown_key");
+    // A request Postfix would never send ends the connection, counted as a policy session
+    // ended by `error` (Server::start's readiness probe counts as `quit`).
+    write!(w, "no equals sign\n").unwrap();
+    let mut rest = String::new();
+    let _ = r.read_line(&mut rest);
+    assert_eq!(rest, "", "closed without an answer");
+    let series = "mailgate_sessions_total{listener=\"policy\",outcome=\"error\"} 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = String::from_utf8_lossy(&common::receiver::http_get(ports.http, "/metrics").body).to_string();
+        if metrics.lines().any(|l| l == series) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {series} in\n{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let mut other = std::net::TcpStream::connect(("127.0.0.1", untrusted)).unwrap();
     other.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();

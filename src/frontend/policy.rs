@@ -99,7 +99,8 @@ pub fn decide(gate: &Gate, attrs: &HashMap<String, String>, spf: Option<&SpfChec
 }
 
 /// Serves one persistent policy connection until Postfix closes it. `auth` runs SPF where a
-/// recipient's policy asks for it (None: every check is off).
+/// recipient's policy asks for it (None: every check is off). Counted in
+/// `mailgate_sessions_total{listener="policy"}` with how it ended.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     gate: Arc<Gate>,
@@ -108,6 +109,23 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     hostname: String,
     idle: Duration,
 ) {
+    let mut answered = 0u64;
+    let outcome = serve(stream, &gate, &spool, auth.as_ref(), &hostname, idle, &mut answered).await;
+    crate::metrics::global().session("policy", outcome);
+    tracing::debug!(target: "mailgate::policy", outcome, requests = answered, "policy connection closed");
+}
+
+/// The connection's loop; returns how it ended: `quit` (Postfix closed it), `timeout` (idle
+/// for `idle`), `error` (a read or write failed, or a request Postfix would never send).
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    gate: &Gate,
+    spool: &Spool,
+    auth: Option<&Authenticator>,
+    hostname: &str,
+    idle: Duration,
+    answered: &mut u64,
+) -> &'static str {
     let mut reader = BufReader::new(stream);
     let mut attrs = HashMap::new();
     let mut size = 0usize;
@@ -120,21 +138,21 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "policy connection error");
-                return;
+                return "error";
             }
-            Err(_) => return,
+            Err(_) => return "timeout",
         };
         if n == 0 {
-            return;
+            return "quit";
         }
         if line.last() != Some(&b'\n') {
             tracing::warn!(target: "mailgate::policy", "policy request line too long; closing without an answer");
-            return;
+            return "error";
         }
         size += n;
         if size > MAX_REQUEST {
             tracing::warn!(target: "mailgate::policy", "policy request too large; closing without an answer");
-            return;
+            return "error";
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
@@ -145,25 +163,26 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 None => {
                     tracing::warn!(target: "mailgate::policy", "malformed policy attribute; closing without an answer");
-                    return;
+                    return "error";
                 }
             }
             continue;
         }
-        let spf = match (&auth, spf_needed(&gate, &attrs)) {
-            (Some(a), Some((ip, helo, sender))) => Some(a.spf(ip, &helo, &sender, &hostname).await),
+        let spf = match (auth, spf_needed(gate, &attrs)) {
+            (Some(a), Some((ip, helo, sender))) => Some(a.spf(ip, &helo, &sender, hostname).await),
             _ => None,
         };
-        let (action, entry) = decide(&gate, &attrs, spf.as_ref());
+        let (action, entry) = decide(gate, &attrs, spf.as_ref());
         if let Some(entry) = entry {
-            crate::frontend::log_reject(&spool, &entry);
+            crate::frontend::log_reject(spool, &entry);
         }
         attrs.clear();
         size = 0;
         let reply = format!("action={action}\n\n");
         if reader.get_mut().write_all(reply.as_bytes()).await.is_err() {
-            return;
+            return "error";
         }
+        *answered += 1;
     }
 }
 
