@@ -120,7 +120,8 @@ pub(super) fn default_spool_dir() -> PathBuf {
 pub(super) fn default_dedup_window() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
-/// Done jobs are kept a week: long enough to replay a day's mail after an application bug.
+/// Done jobs and their raw messages are kept a week: long enough to look into what the
+/// application was handed after it reports a problem (`queue show`, `GET /v1/jobs/{id}/raw`).
 pub(super) fn default_retention() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
