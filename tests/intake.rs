@@ -348,7 +348,7 @@ fn policy_service_answers_postfix_and_nobody_else() {
     assert_eq!(entries[0]["reason"], "unknown_key");
     // A request Postfix would never send ends the connection, counted as a policy session
     // ended by `error` (Server::start's readiness probe counts as `quit`).
-    write!(w, "no equals sign\n").unwrap();
+    writeln!(w, "no equals sign").unwrap();
     let mut rest = String::new();
     let _ = r.read_line(&mut rest);
     assert_eq!(rest, "", "closed without an answer");
