@@ -42,13 +42,31 @@ pub fn config_checks(config: &Config, f: &mut Findings) {
             continue;
         }
         let path = d.url.as_deref().and_then(|u| reqwest::Url::parse(u).ok()).map(|u| u.path().to_string());
-        if let Some(path) = path
-            && !MAILROOM_PATHS.iter().any(|p| path.ends_with(p))
-        {
+        let Some(path) = path else { continue };
+        if !MAILROOM_PATHS.iter().any(|p| path.ends_with(p)) {
             f.warning(format!(
                 "[[deliver]] {name}: GitLab serves the mail_room API at {} (incoming_email) or {} \
                  (service_desk_email), not {path}",
                 MAILROOM_PATHS[0], MAILROOM_PATHS[1]
+            ));
+            continue;
+        }
+        let url_type = if path.ends_with(MAILROOM_PATHS[1]) { "service_desk_email" } else { "incoming_email" };
+        if d.mailboxes.is_empty() && config.mailbox.len() > 1 {
+            // GitLab handles the two types with different workers and secrets: one URL for all
+            // mailboxes sends some to the wrong one.
+            f.warning(format!(
+                "[[deliver]] {name}: every mailbox goes to GitLab's {url_type} endpoint; GitLab's \
+                 incoming_email and service_desk_email need an entry each (set `mailboxes`)"
+            ));
+        }
+        let other = |m: &str| match url_type {
+            "incoming_email" => m == "service_desk",
+            _ => m == "incoming",
+        };
+        if let Some(m) = d.mailboxes.iter().find(|m| other(m)) {
+            f.warning(format!(
+                "[[deliver]] {name}: mailbox {m} goes to GitLab's {url_type} endpoint; is that the right one?"
             ));
         }
     }

@@ -79,6 +79,50 @@ address = "x+%{key}@in.example.com"
 }
 
 #[test]
+fn mailroom_entries_must_match_gitlabs_two_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    let warnings = |entries: &str| {
+        let c = config(&format!(
+            "[auth]\nspf = \"off\"\ndmarc = \"off\"\n\
+             [[mailbox]]\nname = \"incoming\"\naddress = \"incoming+%{{key}}@example.com\"\n\
+             [[mailbox]]\nname = \"service_desk\"\naddress = \"contact+%{{key}}@example.com\"\n{}",
+            entries.replace("SECRET", &secret.display().to_string())
+        ));
+        let mut f = Findings::default();
+        config_checks(&c, &mut f);
+        assert!(messages(&f, Level::Error).is_empty(), "{:?}", messages(&f, Level::Error));
+        messages(&f, Level::Warning)
+    };
+    let entry = |name: &str, mailboxes: &str, path: &str| {
+        format!(
+            "[[deliver]]\nname = \"{name}\"\nkind = \"mailroom\"\n{mailboxes}\n\
+             url = \"https://gitlab.example.com/api/v4/internal/mail_room/{path}\"\nsecret_file = \"SECRET\"\n"
+        )
+    };
+    let w = warnings(&entry("all", "", "incoming_email"));
+    assert!(w.iter().any(|w| w.contains("all: every mailbox goes to GitLab's incoming_email")), "{w:?}");
+    let w = warnings(
+        &[
+            entry("crossed", "mailboxes = [\"service_desk\"]", "incoming_email"),
+            entry("right", "mailboxes = [\"incoming\"]", "incoming_email"),
+        ]
+        .concat(),
+    );
+    assert!(w.iter().any(|w| w.contains("crossed: mailbox service_desk goes to GitLab's incoming_email")), "{w:?}");
+    assert!(!w.iter().any(|w| w.contains("[[deliver]] right")), "{w:?}");
+    let w = warnings(
+        &[
+            entry("desk", "mailboxes = [\"service_desk\"]", "service_desk_email"),
+            entry("in", "mailboxes = [\"incoming\"]", "incoming_email"),
+        ]
+        .concat(),
+    );
+    assert!(!w.iter().any(|w| w.contains("GitLab's")), "the documented layout: {w:?}");
+}
+
+#[test]
 fn delivery_problems_are_reported() {
     let c = config(
         r#"
