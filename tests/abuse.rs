@@ -71,6 +71,13 @@ impl Gate {
             .sum::<f64>() as u64
     }
 
+    /// The value of an unlabelled series of /metrics (0 when absent).
+    fn metric(&self, name: &str) -> u64 {
+        let r = common::receiver::http_get(self.http, "/metrics");
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).sum::<f64>() as u64
+    }
+
     fn alive(&self) -> bool {
         std::fs::metadata(format!("/proc/{}", self.pid())).is_ok()
             && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
@@ -351,12 +358,14 @@ fn stress_mode_cuts_idle_sessions() {
     for c in &mut idle {
         assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok\r\n", "13 of 20 is no stress: still open");
     }
+    assert_eq!(g.metric("mailgate_listeners_under_stress"), 0, "13 of 20");
     // 19 of 20: stress from the 16th on
     for _ in 0..6 {
         let mut c = Raw::connect(g.port);
         assert!(c.reply().starts_with("220 "));
         idle.push(c);
     }
+    assert_eq!(g.metric("mailgate_listeners_under_stress"), 1, "19 of 20");
     thread::sleep(Duration::from_secs(5));
     let mut cut = 0;
     for c in &mut idle {
@@ -373,6 +382,7 @@ fn stress_mode_cuts_idle_sessions() {
     assert!((6..=19).contains(&cut), "{cut} cut: at least 6 must go to end the stress (below 14)");
     good_client(g.port, 10);
     assert!(g.rejects("timeout").len() >= 6);
+    assert!(g.metric("mailgate_stress_episodes_total") >= 1);
 }
 
 /// The default per-IP limit: the 51st connection from one address gets `421 4.7.0` and a

@@ -110,6 +110,9 @@ impl ConnLimits {
             stressed = in_use.saturating_mul(100) >= self.max_total.saturating_mul(mark);
             std::mem::replace(s, stressed) != stressed
         });
+        if changed {
+            crate::metrics::global().stress_changed(stressed);
+        }
         if changed && stressed {
             tracing::warn!(
                 in_use,

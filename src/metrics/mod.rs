@@ -23,6 +23,8 @@
 //! | `mailgate_queue_jobs` | gauge | `mailbox`, `state` |
 //! | `mailgate_queue_oldest_ready_age_seconds` | gauge | |
 //! | `mailgate_rejects_stored` | gauge | |
+//! | `mailgate_listeners_under_stress` | gauge | |
+//! | `mailgate_stress_episodes_total` | counter | |
 //!
 //! The three queue gauges are built from the snapshot in a fresh registry on every render, so a mailbox or
 //! state that disappeared from the spool disappears from the output too.
@@ -159,6 +161,8 @@ pub struct Metrics {
     delivery_attempts: Family<AttemptLabels, Counter>,
     delivery_attempt_duration: HistogramFamily<DelivererLabels>,
     delivery_latency: HistogramFamily<DelivererLabels>,
+    under_stress: Gauge,
+    stress_episodes: Counter,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -227,6 +231,19 @@ impl Metrics {
             delivery_latency.clone(),
         );
 
+        let under_stress = Gauge::default();
+        registry.register(
+            "mailgate_listeners_under_stress",
+            "Listeners in stress mode now (80% of max_connections in use, until under 70%)",
+            under_stress.clone(),
+        );
+        let stress_episodes = Counter::default();
+        registry.register(
+            "mailgate_stress_episodes",
+            "Times a listener went into stress mode",
+            stress_episodes.clone(),
+        );
+
         Metrics {
             registry,
             sessions,
@@ -236,6 +253,18 @@ impl Metrics {
             delivery_attempts,
             delivery_attempt_duration,
             delivery_latency,
+            under_stress,
+            stress_episodes,
+        }
+    }
+
+    /// A listener went into stress mode (`on`) or out of it.
+    pub fn stress_changed(&self, on: bool) {
+        if on {
+            self.under_stress.inc();
+            self.stress_episodes.inc();
+        } else {
+            self.under_stress.dec();
         }
     }
 

@@ -181,12 +181,19 @@ fn global_is_one_instance_and_new_is_independent() {
 
 #[test]
 fn empty_metrics_render_only_the_plain_gauges() {
-    // prometheus-client leaves out a labelled family with no series yet (HELP and TYPE included).
+    // prometheus-client leaves out a labelled family with no series yet (HELP and TYPE included);
+    // the unlabelled stress gauge and counter are always there.
     let text = Metrics::new().render(&empty_queue());
     check_exposition(&text);
     assert_eq!(
         text,
-        "# HELP mailgate_queue_oldest_ready_age_seconds Age of the oldest ready job in the spool, 0 when there is none.\n\
+        "# HELP mailgate_listeners_under_stress Listeners in stress mode now (80% of max_connections in use, until under 70%).\n\
+         # TYPE mailgate_listeners_under_stress gauge\n\
+         mailgate_listeners_under_stress 0\n\
+         # HELP mailgate_stress_episodes Times a listener went into stress mode.\n\
+         # TYPE mailgate_stress_episodes counter\n\
+         mailgate_stress_episodes_total 0\n\
+         # HELP mailgate_queue_oldest_ready_age_seconds Age of the oldest ready job in the spool, 0 when there is none.\n\
          # TYPE mailgate_queue_oldest_ready_age_seconds gauge\n\
          # UNIT mailgate_queue_oldest_ready_age_seconds seconds\n\
          mailgate_queue_oldest_ready_age_seconds 0.0\n\
@@ -471,4 +478,16 @@ fn the_checker_rejects_broken_text() {
     ] {
         assert!(std::panic::catch_unwind(|| check_exposition(bad)).is_err(), "accepted: {bad:?}");
     }
+}
+
+#[test]
+fn stress_mode_is_a_gauge_and_a_count_of_episodes() {
+    let m = Metrics::new();
+    m.stress_changed(true);
+    m.stress_changed(true);
+    m.stress_changed(false);
+    let text = m.render(&empty_queue());
+    check_exposition(&text);
+    assert_eq!(value(&text, "mailgate_listeners_under_stress").as_deref(), Some("1"));
+    assert_eq!(value(&text, "mailgate_stress_episodes_total").as_deref(), Some("2"));
 }
