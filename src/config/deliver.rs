@@ -72,8 +72,9 @@ impl DeliverConfig {
     }
 
     pub fn concurrency(&self) -> usize {
-        // In `make bench` on 2 cores, intake and delivery share the runtime: a worker's round
-        // trip slows to ~6 ms under a full-speed intake, and 8 workers fell behind it; 16 kept up.
+        // A worker waits for each answer, so an entry delivers at most workers / round trip. In
+        // `make bench` on 2 cores under a full-speed intake, 8 fell behind at times; 16 kept up
+        // at 20 and 50 sessions.
         self.concurrency.unwrap_or(16)
     }
 

@@ -1,6 +1,6 @@
 //! Push delivery: hands jobs to the application. One [`Deliverer`] per `[[deliver]]` entry,
-//! each with `concurrency` workers (tasks, not threads; all deliverers share one runtime thread of
-//! their own, see `worker.rs`) that lease due jobs of their mailboxes,
+//! each with `concurrency` workers (tasks, not threads; all deliverers share a runtime of two
+//! threads of their own, see `worker.rs`) that lease due jobs of their mailboxes,
 //! send them, and record the outcome: `done` on success, a wait from the retry schedule on a
 //! temporary failure, `dead` on a final one or after the last attempt. At least once: a job
 //! leaves the queue only after the receiver said yes.

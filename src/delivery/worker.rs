@@ -2,8 +2,9 @@
 //! record the outcome. Idle workers sleep until the spool signals new ready jobs (or a second
 //! passes). The signal wakes one worker; a worker that leases a job wakes the next, so a
 //! backlog sets every worker going while one new job costs one scan of the ready index, not
-//! one per worker (with 16 workers that herd cost 1.7x the CPU per job). On shutdown a worker takes no new job and finishes the attempt in flight; a worker
-//! cut off anyway leaves a push lease that the next start releases.
+//! one per worker (with 16 workers that herd cost 1.4x the CPU per job). On shutdown a worker
+//! takes no new job and finishes the attempt in flight; a worker cut off anyway leaves a push
+//! lease that the next start releases.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -110,16 +110,17 @@ impl ConnLimits {
             stressed = in_use.saturating_mul(100) >= self.max_total.saturating_mul(mark);
             std::mem::replace(s, stressed) != stressed
         });
-        if changed {
-            crate::metrics::global().stress_changed(stressed);
+        if !changed {
+            return;
         }
-        if changed && stressed {
+        crate::metrics::global().stress_changed(stressed);
+        if stressed {
             tracing::warn!(
                 in_use,
                 max_connections = self.max_total,
                 "under stress: connection slots nearly all taken; idle sessions get stress_command_timeout"
             );
-        } else if changed {
+        } else {
             tracing::info!(in_use, max_connections = self.max_total, "stress is over");
         }
     }

@@ -109,14 +109,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     hostname: String,
     idle: Duration,
 ) {
-    let mut answered = 0u64;
-    let outcome = serve(stream, &gate, &spool, auth.as_ref(), &hostname, idle, &mut answered).await;
+    let (outcome, answered) = serve(stream, &gate, &spool, auth.as_ref(), &hostname, idle).await;
     crate::metrics::global().session("policy", outcome);
     tracing::debug!(target: "mailgate::policy", outcome, requests = answered, "policy connection closed");
 }
 
-/// The connection's loop; returns how it ended: `quit` (Postfix closed it), `timeout` (idle
-/// for `idle`), `error` (a read or write failed, or a request Postfix would never send).
+/// The connection's loop; returns how it ended, `quit` (Postfix closed it), `timeout` (idle
+/// for `idle`) or `error` (a read or write failed, or a request Postfix would never send), and
+/// how many requests it answered.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     gate: &Gate,
@@ -124,8 +124,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     auth: Option<&Authenticator>,
     hostname: &str,
     idle: Duration,
-    answered: &mut u64,
-) -> &'static str {
+) -> (&'static str, u64) {
+    let mut answered = 0;
     let mut reader = BufReader::new(stream);
     let mut attrs = HashMap::new();
     let mut size = 0usize;
@@ -138,21 +138,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "policy connection error");
-                return "error";
+                return ("error", answered);
             }
-            Err(_) => return "timeout",
+            Err(_) => return ("timeout", answered),
         };
         if n == 0 {
-            return "quit";
+            return ("quit", answered);
         }
         if line.last() != Some(&b'\n') {
             tracing::warn!(target: "mailgate::policy", "policy request line too long; closing without an answer");
-            return "error";
+            return ("error", answered);
         }
         size += n;
         if size > MAX_REQUEST {
             tracing::warn!(target: "mailgate::policy", "policy request too large; closing without an answer");
-            return "error";
+            return ("error", answered);
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
@@ -163,7 +163,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 None => {
                     tracing::warn!(target: "mailgate::policy", "malformed policy attribute; closing without an answer");
-                    return "error";
+                    return ("error", answered);
                 }
             }
             continue;
@@ -180,9 +180,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         size = 0;
         let reply = format!("action={action}\n\n");
         if reader.get_mut().write_all(reply.as_bytes()).await.is_err() {
-            return "error";
+            return ("error", answered);
         }
-        *answered += 1;
+        answered += 1;
     }
 }
 

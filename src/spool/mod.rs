@@ -5,8 +5,8 @@
 //! retry have their own tag), `leases` (timers: when ms + id, for lease ends, retry waits and
 //! purges), `rawloc` (raw message blob id -> its place in a segment file, see `segments.rs`),
 //! `raw` (blob id + chunk index -> at most 4 KiB: raw messages and full records of big jobs
-//! from spools written before segment files; read and removed, never written), `refs` (raw blob id + job id: who
-//! uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
+//! from spools written before segment files; read and removed, never written), `refs` (raw
+//! blob id + job id: who uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
 //! entry JSON). A job record, its state index entry, its timer and its dedup entries always
 //! change in one transaction.
 //!

@@ -220,10 +220,7 @@ async fn data_slower_than_min_data_rate_is_cut() {
         ctx.data_timeout = Duration::from_millis(800);
         ctx.min_data_rate = 500;
     });
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let ctx = f.ctx.clone();
-    let task = tokio::spawn(async move { run(server, peer(), &ctx).await });
-    let mut c = BufReader::new(client);
+    let (task, mut c) = connect(&f);
     assert!(reply(&mut c).await.starts_with("220 "));
     let key = crate::frontend::smtp::tests::KEY;
     for cmd in [
