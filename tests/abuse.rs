@@ -392,9 +392,9 @@ fn stress_mode_cuts_idle_sessions() {
 fn connections_per_ip() {
     let _one = serial();
     let g = Gate::start("");
-    // Until the server has seen Server::start's readiness probe close, the probe holds a slot
-    // of 127.0.0.1 (on a loaded machine that can outlast the first 50 connections): wait for
-    // it, counting the refusals meanwhile.
+    // Server::start ends its readiness probe with QUIT and waits for the close, but the slot is
+    // let go as the session task ends, a moment after: a refusal in that moment is retried,
+    // and counted.
     let mut held: Vec<Raw> = Vec::new();
     let mut early = 0;
     let deadline = Instant::now() + Duration::from_secs(10);

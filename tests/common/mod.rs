@@ -97,6 +97,20 @@ listen = "127.0.0.1:{http}"
     path
 }
 
+/// Ends a readiness probe so that the server has let its connection go before a test counts
+/// connection slots: an SMTP or LMTP greeting gets QUIT and the probe reads until the server
+/// closes. A listener that greets nobody (the policy service) is just closed.
+fn end_probe(probe: TcpStream) {
+    use std::io::{BufRead, Read, Write};
+    let _ = probe.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut r = std::io::BufReader::new(&probe);
+    let mut greeting = String::new();
+    if r.read_line(&mut greeting).is_ok() && greeting.starts_with("220") {
+        let _ = (&probe).write_all(b"QUIT\r\n");
+        let _ = r.read_to_end(&mut Vec::new());
+    }
+}
+
 /// A running `mailgate serve`.
 pub struct Server {
     pub child: Option<Child>,
@@ -125,9 +139,10 @@ impl Server {
     fn wait_ready(&self, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+            if let Ok(probe) = TcpStream::connect(("127.0.0.1", port))
                 && TcpStream::connect(("127.0.0.1", self.ports_http)).is_ok()
             {
+                end_probe(probe);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
