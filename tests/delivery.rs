@@ -112,6 +112,9 @@ fn webhook_posts_signed_job_json_with_the_raw_message() {
             assert_eq!(body["envelope"], job["envelope"]);
             assert_eq!(body["received_at"], job["received_at"]);
             assert_eq!(body["message"]["message_id"], "wh1@example.org");
+            // Worked out when the job is sent, not stored at intake (spool/present.rs).
+            assert_eq!(body["reply_text"], "Hello from the test.", "{body}");
+            assert_eq!(body["reply_text"], job["reply_text"], "as the HTTP API shows it");
             assert_eq!(raw, &env.raw(&id), "raw decodes to the stored message");
         }
         other => panic!("the receiver refused the request: {other:?}"),

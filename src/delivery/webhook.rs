@@ -74,7 +74,11 @@ impl Webhook {
     }
 
     pub async fn send(&self, job: &Job, raw: &[u8]) -> Result<(), Failure> {
-        let body = serde_json::to_vec(&Body { job, raw })
+        let mut job = std::borrow::Cow::Borrowed(job);
+        if job.reply_text.is_none() {
+            crate::spool::fill_reply_text(job.to_mut(), raw);
+        }
+        let body = serde_json::to_vec(&Body { job: &job, raw })
             .map_err(|e| Failure::Retry(format!("cannot serialise the job: {e}")))?;
         let t = time::OffsetDateTime::now_utc().unix_timestamp();
         let request = self

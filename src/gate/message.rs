@@ -139,13 +139,8 @@ pub fn decide(gate: &Gate, ctx: &MessageContext<'_>, rcpts: &[Recipient]) -> Dec
         }
         per_rcpt.push(RcptOutcome::Job(index));
     }
-    // The reply text is worked out once per accepted message, never for a refused one.
-    if !jobs.is_empty() {
-        let reply = crate::reply::reply_text(ctx.raw);
-        for job in &mut jobs {
-            job.job.reply_text.clone_from(&reply);
-        }
-    }
+    // `reply_text` is not worked out here: it is derived from the raw message when a job is
+    // handed out (spool/present.rs, the webhook), off the path to the 250.
     Decision { jobs, per_rcpt, info }
 }
 

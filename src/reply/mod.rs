@@ -1,6 +1,6 @@
 //! Reply text: the reply of an incoming email without quoted text and signatures, as GitLab
-//! computes it for replies by email (hosted mail services call it "stripped-text"). It is
-//! stored on every job as `reply_text`.
+//! computes it for replies by email (hosted mail services call it "stripped-text"). Every job
+//! handed to a consumer carries it as `reply_text`, worked out then (spool/present.rs).
 //!
 //! - `extract.rs` picks the body text: the first text/plain part, else the first text/html part
 //!   converted to text (`html.rs`), decoded from its charset with GitLab's fallbacks for

@@ -23,6 +23,7 @@ const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 mod dedup;
 mod jobs;
 mod keys;
+mod present;
 mod raw;
 mod records;
 mod recover;
@@ -57,6 +58,7 @@ use committer::{Committer, Msg};
 use records::StoredJob;
 
 pub use keys::{dedup_key_content, dedup_key_ident};
+pub use present::fill_reply_text;
 pub use timers::Reaped;
 pub use transitions::AfterFailure;
 
@@ -369,7 +371,7 @@ impl Spool {
 
     pub fn get(&self, id: &str) -> Result<Option<Job>, SpoolError> {
         let Some(n) = parse_id(id) else { return Ok(None) };
-        self.record(n)?.map(|r| r.load(self)).transpose()
+        self.record(n)?.map(|r| self.present(r)).transpose()
     }
 
     /// The job's raw message.
@@ -430,7 +432,7 @@ impl Spool {
                 if out.len() >= limit {
                     break;
                 }
-                out.push(StoredJob::decode(&item?)?.load(self)?);
+                out.push(self.present(StoredJob::decode(&item?)?)?);
             }
             return Ok(out);
         };
@@ -443,7 +445,7 @@ impl Spool {
         for id in ids {
             // The job may have changed state since the index was read: skip it then.
             if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
-                out.push(rec.load(self)?);
+                out.push(self.present(rec)?);
             }
         }
         Ok(out)

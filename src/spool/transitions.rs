@@ -191,7 +191,7 @@ impl Spool {
         Ok(record)
     }
 
-    async fn change(&self, id: &str, change: Change, durable: bool) -> Result<Job, SpoolError> {
+    async fn change(&self, id: &str, change: Change, durable: bool) -> Result<StoredJob, SpoolError> {
         self.check_open()?;
         let n = parse_id(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let record = self.transition(n, &change)?;
@@ -200,7 +200,7 @@ impl Spool {
         } else {
             self.mark_dirty();
         }
-        record.load(self)
+        Ok(record)
     }
 
     /// Leases the oldest ready job of one of `mailboxes` (`None`: any mailbox) whose next
@@ -237,11 +237,12 @@ impl Spool {
         let only = mailbox.map(|m| [m]);
         let Some(record) = self.lease_first(only.as_ref().map(|m| &m[..]), lease, false)? else { return Ok(None) };
         self.commit().await?;
-        record.load(self).map(Some)
+        self.present_async(record).await.map(Some)
     }
 
     /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without a
-    /// commit of its own. Such leases are released when the process starts again.
+    /// commit of its own. Such leases are released when the process starts again. The job
+    /// comes without its reply text: the webhook derives it from the raw message it sends.
     pub fn lease_for_push(&self, mailboxes: &[&str], lease: Duration) -> Result<Option<Job>, SpoolError> {
         let filter = if mailboxes.is_empty() { None } else { Some(mailboxes) };
         let Some(record) = self.lease_first(filter, lease, true)? else { return Ok(None) };
@@ -261,23 +262,27 @@ impl Spool {
 
     /// Leased (or ready) -> done.
     pub async fn ack(&self, id: &str) -> Result<Job, SpoolError> {
-        self.change(id, Change::Ack, true).await
+        let record = self.change(id, Change::Ack, true).await?;
+        self.present_async(record).await
     }
 
     /// Push workers: leased -> done, committed within a second (not waited for): a crash before
-    /// then means one more delivery of the job, never a lost one.
+    /// then means one more delivery of the job, never a lost one. The job comes without its
+    /// reply text.
     pub async fn ack_soon(&self, id: &str) -> Result<Job, SpoolError> {
-        self.change(id, Change::Ack, false).await
+        self.change(id, Change::Ack, false).await?.load(self)
     }
 
     /// Leased -> ready.
     pub async fn nack(&self, id: &str) -> Result<Job, SpoolError> {
-        self.change(id, Change::Nack, true).await
+        let record = self.change(id, Change::Nack, true).await?;
+        self.present_async(record).await
     }
 
     /// Dead -> ready; the attempt count starts again.
     pub async fn retry(&self, id: &str) -> Result<Job, SpoolError> {
-        self.change(id, Change::Retry, true).await
+        let record = self.change(id, Change::Retry, true).await?;
+        self.present_async(record).await
     }
 
     /// Every dead job (of `mailbox`) -> ready; returns how many.
@@ -303,12 +308,23 @@ impl Spool {
     /// Leased -> ready (`dead` false) or dead, recording `error` as `last_error`.
     pub async fn fail(&self, id: &str, error: &str, dead: bool) -> Result<Job, SpoolError> {
         let next = if dead { AfterFailure::Dead } else { AfterFailure::Ready };
-        self.fail_to(id, error, next, true).await
+        let record = self.fail_record(id, error, next, true).await?;
+        self.present_async(record).await
     }
 
-    /// Leased -> `next`, recording `error` as `last_error`; `durable`: wait for the commit,
-    /// else it is committed within a second.
+    /// Push workers: leased -> `next`, recording `error` as `last_error`; `durable`: wait for
+    /// the commit, else it is committed within a second. The job comes without its reply text.
     pub async fn fail_to(&self, id: &str, error: &str, next: AfterFailure, durable: bool) -> Result<Job, SpoolError> {
+        self.fail_record(id, error, next, durable).await?.load(self)
+    }
+
+    async fn fail_record(
+        &self,
+        id: &str,
+        error: &str,
+        next: AfterFailure,
+        durable: bool,
+    ) -> Result<StoredJob, SpoolError> {
         let mut error = error.to_string();
         if error.len() > MAX_ERROR_LEN {
             let mut cut = MAX_ERROR_LEN;
