@@ -1,11 +1,14 @@
-//! The group committer: the one task that makes the spool durable.
+//! The group committer: the one thread that makes the spool durable.
 //!
-//! Writers insert first, then send a request. The committer waits for one request, takes every
-//! request already queued behind it, syncs the segment files written since the last commit,
-//! runs `db.flush()` + `sync_data()` on `<dir>/db` once on its own thread, and answers every waiter of that batch with the same result. Requests that
-//! arrive during a flush wait for the next one, whose flush covers their inserts. sled's
-//! `flush_async` is never used (concurrent calls deadlock on 0.34), and the `sync_data` closes
-//! the gap left by sled's `sync_file_range` (no disk cache flush, no metadata).
+//! Writers send a request: a commit of what they inserted, or a message's prepared jobs
+//! (`Store`) whose inserts the committer makes itself. It waits for one request, takes every
+//! request already queued behind it, applies the batch's stores in one sled transaction, syncs
+//! the segment files written since the last commit, runs `db.flush()` + `sync_data()` on
+//! `<dir>/db` once, and answers every waiter of that batch with the same result (a store: its
+//! outcomes). Requests that arrive during a flush wait for the next one, whose flush covers
+//! their inserts. sled's `flush_async` is never used (concurrent calls deadlock on 0.34), and
+//! the `sync_data` closes the gap left by sled's `sync_file_range` (no disk cache flush, no
+//! metadata).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -13,20 +16,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::SpoolError;
+use super::jobs::{self, Staged, StoreTrees};
 use super::segments::Segments;
+use super::{SpoolError, StoreOutcome};
 
 pub(super) type Waiter = oneshot::Sender<Result<(), SpoolError>>;
+pub(super) type StoreWaiter = oneshot::Sender<Result<Vec<StoreOutcome>, SpoolError>>;
 
 pub(super) enum Msg {
     /// Commit; answer the waiter if there is one (`commit_soon` sends none).
     Commit(Option<Waiter>),
+    /// Insert one message's jobs, commit, answer with their outcomes.
+    Store(Staged, StoreWaiter),
     /// Commit, answer, then refuse new requests and end once the queue is empty.
     Stop(Waiter),
 }
 
 pub(super) struct Committer {
     db: sled::Db,
+    trees: StoreTrees,
     file: File,
     segments: Arc<Segments>,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -36,12 +44,13 @@ pub(super) struct Committer {
 impl Committer {
     pub fn new(
         db: sled::Db,
+        trees: StoreTrees,
         file: File,
         segments: Arc<Segments>,
         rx: mpsc::UnboundedReceiver<Msg>,
         flushes: Arc<AtomicU64>,
     ) -> Self {
-        Committer { db, file, segments, rx, flushes }
+        Committer { db, trees, file, segments, rx, flushes }
     }
 
     /// Runs on its own thread until the channel closes: no hop through tokio's blocking pool
@@ -53,22 +62,45 @@ impl Committer {
                 batch.push(more);
             }
             tracing::debug!(target: "mailgate::commit", batch = batch.len(), "batch");
-            let result = self.flush();
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = &result {
-                tracing::error!(target: "mailgate::spool", error = %e, batch = batch.len(), "spool commit failed");
-            }
+            let mut waiters = Vec::with_capacity(batch.len());
+            let mut stores = Vec::new();
             let mut stop = false;
             for msg in batch {
-                let waiter = match msg {
-                    Msg::Commit(w) => w,
+                match msg {
+                    Msg::Commit(w) => waiters.extend(w),
+                    Msg::Store(staged, w) => stores.push((staged, w)),
                     Msg::Stop(w) => {
                         stop = true;
-                        Some(w)
+                        waiters.push(w);
                     }
-                };
-                if let Some(w) = waiter {
-                    let _ = w.send(result.as_ref().map(|_| ()).map_err(duplicate));
+                }
+            }
+            let applied = if stores.is_empty() {
+                Ok(Vec::new())
+            } else {
+                jobs::apply(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>())
+            };
+            let result = self.flush();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            // A store fails if its inserts or the flush failed.
+            let stored = applied.and_then(|outcomes| result.as_ref().map(|_| outcomes).map_err(duplicate));
+            if let Err(e) = stored.as_ref().and(result.as_ref()) {
+                tracing::error!(target: "mailgate::spool", error = %e, stores = stores.len(), waiters = waiters.len(),
+                    "spool commit failed");
+            }
+            for w in waiters {
+                let _ = w.send(result.as_ref().map(|_| ()).map_err(duplicate));
+            }
+            match stored {
+                Ok(outcomes) => {
+                    for ((_, w), out) in stores.into_iter().zip(outcomes) {
+                        let _ = w.send(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    for (_, w) in stores {
+                        let _ = w.send(Err(duplicate(&e)));
+                    }
                 }
             }
             if stop {

@@ -281,7 +281,14 @@ impl Spool {
 
         let (commits, rx) = mpsc::unbounded_channel();
         let flushes = Arc::new(AtomicU64::new(0));
-        let committer = Committer::new(db.clone(), file, segments.clone(), rx, flushes.clone());
+        let trees = jobs::StoreTrees {
+            jobs: jobs.clone(),
+            state: state.clone(),
+            dedup: dedup.clone(),
+            refs: refs.clone(),
+            dedup_on: !opts.dedup_window.is_zero(),
+        };
+        let committer = Committer::new(db.clone(), trees, file, segments.clone(), rx, flushes.clone());
         let handle = std::thread::Builder::new().name("mailgate-commit".into()).spawn(move || committer.run())?;
         Ok(Spool(Arc::new(Inner {
             dir: dir.to_path_buf(),

@@ -243,7 +243,7 @@ async fn group_commit_batches_concurrent_stores() {
     }
     let flushes = spool.flush_count() - before;
     eprintln!("group commit: {flushes} flushes for 64 stores");
-    // Stores insert on their own worker first, so how many meet in one flush depends on the
+    // Stores write their segment on their own worker first, so how many meet in one flush depends on the
     // scheduler (debug builds are slow): any sharing at all shows the group commit works.
     assert!((1..64).contains(&flushes), "{flushes} flushes for 64 stores");
     assert_eq!(spool.stats().unwrap().ready, 64);
@@ -305,4 +305,31 @@ async fn reopen_keeps_everything_and_the_lock_is_exclusive() {
     let all = spool.rejects(&RejectQuery::default()).unwrap();
     assert!(all[0].cursor < all[1].cursor);
     spool.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_batch_applies_several_messages_and_dedups_across_them() {
+    // What the committer does with the stores that meet in one batch: one transaction, in
+    // order, so the second message with the first's dedup key is its duplicate.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), options()).unwrap();
+    let key = dedup_key_ident("QX", "incoming+k@x", "incoming", "k", &[1; 32]);
+    let mut pending = super::jobs::Pending::for_test(&spool);
+    let mut stage = |raw: &[u8], job: NewJob| spool.stage(raw, vec![job], &mut Vec::new(), &mut pending).unwrap().0;
+    let a = stage(b"first", new_job("incoming", "k", vec![key.clone()]));
+    let b = stage(b"again", new_job("incoming", "k", vec![key]));
+    let c = stage(b"other", new_job("incoming", "k2", vec![]));
+    let i = &spool.0;
+    let trees = super::jobs::StoreTrees {
+        jobs: i.jobs.clone(),
+        state: i.state.clone(),
+        dedup: i.dedup.clone(),
+        refs: i.refs.clone(),
+        dedup_on: true,
+    };
+    let out = super::jobs::apply(&trees, &[&a, &b, &c]).unwrap();
+    let first = stored_id(&out[0][0]);
+    assert_eq!(out[1], vec![StoreOutcome::Duplicate { id: first.clone() }]);
+    assert!(matches!(&out[2][0], StoreOutcome::Stored { id } if *id != first), "{out:?}");
+    assert_eq!((i.jobs.len(), i.state.len(), i.refs.len(), i.dedup.len()), (2, 2, 2, 1));
 }
