@@ -107,6 +107,15 @@ fn nxdomain_nodata_servfail_silent_and_garbage() {
         let r = query(&addr, "nowhere.test", RecordType::TXT, tcp, T).expect("answer");
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
         assert!(r.metadata.authoritative && r.answers.is_empty());
+        // RFC 2308: the zone's SOA comes with every negative answer (resolvers cache them by it).
+        let soa = |r: &Message| match &r.authorities[..] {
+            [rec] => match &rec.data {
+                RData::SOA(soa) => (rec.name.to_ascii(), soa.minimum),
+                other => panic!("not SOA: {other:?}"),
+            },
+            other => panic!("authority section: {other:?}"),
+        };
+        assert_eq!(soa(&r), ("test.".to_string(), 300));
         // _dmarc.sub.org.test does not exist, its parent's record does (DMARC tree walk).
         let r = query(&addr, "_dmarc.sub.org.test", RecordType::TXT, tcp, T).expect("answer");
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
@@ -114,6 +123,7 @@ fn nxdomain_nodata_servfail_silent_and_garbage() {
         for name in ["host.org.test", "org.test"] {
             let r = query(&addr, name, RecordType::TXT, tcp, T).expect("answer");
             assert_eq!((r.metadata.response_code, r.answers.len()), (ResponseCode::NoError, 0), "{name}");
+            assert_eq!(soa(&r), ("test.".to_string(), 300), "{name}");
         }
         let r = query(&addr, "broken.test", RecordType::TXT, tcp, T).expect("answer");
         assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
@@ -265,4 +275,10 @@ async fn arc_sealed_forward_and_dmarc_tree_walk() {
     let dmarc = auth.verify_dmarc(DmarcParameters::new(&msg, &dkim_out, "sub.origin.test", &spf)).await;
     assert_eq!(dmarc.dkim_result(), &DmarcResult::Pass);
     assert_eq!(dmarc.result(), DmarcResult::Pass);
+    // The walk again: its NXDOMAINs are cached by the resolver (from their SOA), as with a
+    // real authoritative server; without the SOA every message would query them again.
+    let before = dns.queries();
+    let dmarc = auth.verify_dmarc(DmarcParameters::new(&msg, &dkim_out, "sub.origin.test", &spf)).await;
+    assert_eq!(dmarc.result(), DmarcResult::Pass);
+    assert_eq!(dns.queries(), before, "the second walk asked the server again");
 }

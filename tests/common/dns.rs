@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, PTR, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
@@ -145,7 +145,31 @@ fn answer(zone: &Zone, packet: &[u8], queries: &AtomicUsize) -> Option<Message> 
     if !zone.exists(&k) {
         response.metadata.response_code = ResponseCode::NXDomain;
     }
+    if response.answers.is_empty() {
+        // NXDOMAIN and "no data": the zone's SOA in the authority section, as RFC 2308 requires
+        // of authoritative servers; resolvers take the negative-caching time from it.
+        response.add_authority(soa_for(&query.name));
+    }
     Some(response)
+}
+
+/// The SOA of the zone `name` is in: every name is served as part of its top-level domain's
+/// zone, whose negative answers may be cached for [`TTL`] seconds.
+fn soa_for(name: &Name) -> Record {
+    let apex = Name::from_ascii(name.to_ascii().trim_end_matches('.').rsplit('.').next().unwrap_or(""))
+        .map(|n| n.append_domain(&Name::root()).unwrap_or_else(|_| Name::root()))
+        .unwrap_or_else(|_| Name::root());
+    let host = |label: &str| Name::from_ascii(label).unwrap_or_else(|_| Name::root()).append_domain(&apex);
+    let soa = SOA::new(
+        host("ns").unwrap_or_else(|_| apex.clone()),
+        host("hostmaster").unwrap_or_else(|_| apex.clone()),
+        1,
+        3600,
+        600,
+        86400,
+        TTL,
+    );
+    Record::from_rdata(apex, TTL, RData::SOA(soa))
 }
 
 struct Shared {
