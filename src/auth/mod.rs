@@ -9,6 +9,7 @@
 mod arc;
 mod cache;
 mod message;
+mod negative;
 mod types;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -144,5 +145,9 @@ impl Authenticator {
     }
 }
 
+/// The test suite's DNS server (tests/common/dns.rs), for tests that need real answers.
+#[cfg(test)]
+#[path = "../../tests/common/dns.rs"]
+mod test_dns;
 #[cfg(test)]
 mod tests;
