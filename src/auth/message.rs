@@ -25,6 +25,7 @@ pub(super) async fn check(a: &Authenticator, raw: &[u8], spf: &SpfCheck, ip: IpA
         return unparsable(ip);
     };
     let header_from = msg.from.first().map(String::as_str).unwrap_or_default();
+    let header_domain = header_from.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
 
     // DKIM and ARC are independent: run them at once, so the worst case at the end of DATA is
     // two deadlines (these and DMARC), not three, well inside Postfix's smtpd_proxy_timeout.
@@ -70,13 +71,12 @@ pub(super) async fn check(a: &Authenticator, raw: &[u8], spf: &SpfCheck, ip: IpA
     // after one lookup's time, and the walk meets (and reports) the failure as before.
     let walk = async {
         if let Some(domain) = single_from_domain(&msg.from) {
-            let _ = timeout(deadline / 4, super::negative::prime(a, domain)).await;
+            let _ = timeout(a.0.lookup_timeout, super::negative::prime(a, domain)).await;
         }
         a.0.auth.verify_dmarc(a.params(params)).await
     };
     let dmarc_out = timeout(deadline, walk).await.unwrap_or_else(|_| {
-        let from_domain = header_from.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-        DmarcOutput::new(from_domain.to_string())
+        DmarcOutput::new(header_domain.to_string())
             .with_spf_result(DmarcResult::TempError(deadline_error()))
             .with_dkim_result(DmarcResult::TempError(deadline_error()))
     });
@@ -99,7 +99,6 @@ pub(super) async fn check(a: &Authenticator, raw: &[u8], spf: &SpfCheck, ip: IpA
         AuthenticationResults::new("").with_dmarc_result(&dmarc_out).to_string()
     };
     let record = dmarc_out.dmarc_record();
-    let header_domain = header_from.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
     MessageCheck {
         dkim: sigs,
         dmarc: DmarcCheck {

@@ -57,6 +57,8 @@ struct Inner {
     ipv6: DnsCache<Box<str>, RecordSet<Ipv6Addr>>,
     ptr: DnsCache<IpAddr, RecordSet<Box<str>>>,
     deadline: Duration,
+    /// One lookup's timeout (`[auth] timeout`).
+    lookup_timeout: Duration,
 }
 
 /// One shared authenticator: clone it freely (an `Arc` inside).
@@ -102,6 +104,7 @@ impl Authenticator {
             ipv6: DnsCache::new(ADDR_CACHE),
             ptr: DnsCache::new(ADDR_CACHE),
             deadline: cfg.timeout.saturating_mul(4),
+            lookup_timeout: cfg.timeout,
         })))
     }
 

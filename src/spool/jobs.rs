@@ -181,15 +181,20 @@ impl Spool {
     ) -> Result<Vec<StoreOutcome>, SpoolError> {
         let mut written = Vec::new();
         let (staged, _) = self.stage(raw, jobs, &mut written, pending)?;
+        Ok(apply(&self.store_trees(), &[&staged])?.pop().unwrap_or_default())
+    }
+
+    /// Test only: the trees the committer was given.
+    #[cfg(test)]
+    pub(super) fn store_trees(&self) -> StoreTrees {
         let i = &self.0;
-        let trees = StoreTrees {
+        StoreTrees {
             jobs: i.jobs.clone(),
             state: i.state.clone(),
             dedup: i.dedup.clone(),
             refs: i.refs.clone(),
             dedup_on: !i.opts.dedup_window.is_zero(),
-        };
-        Ok(apply(&trees, &[&staged])?.pop().unwrap_or_default())
+        }
     }
 
     /// Writes the raw message and any full-job blobs (their ids go to `written`) and prepares

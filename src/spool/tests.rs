@@ -320,14 +320,7 @@ async fn one_batch_applies_several_messages_and_dedups_across_them() {
     let b = stage(b"again", new_job("incoming", "k", vec![key]));
     let c = stage(b"other", new_job("incoming", "k2", vec![]));
     let i = &spool.0;
-    let trees = super::jobs::StoreTrees {
-        jobs: i.jobs.clone(),
-        state: i.state.clone(),
-        dedup: i.dedup.clone(),
-        refs: i.refs.clone(),
-        dedup_on: true,
-    };
-    let out = super::jobs::apply(&trees, &[&a, &b, &c]).unwrap();
+    let out = super::jobs::apply(&spool.store_trees(), &[&a, &b, &c]).unwrap();
     let first = stored_id(&out[0][0]);
     assert_eq!(out[1], vec![StoreOutcome::Duplicate { id: first.clone() }]);
     assert!(matches!(&out[2][0], StoreOutcome::Stored { id } if *id != first), "{out:?}");
