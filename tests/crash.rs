@@ -150,6 +150,12 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
     let config = write_config(dir.path(), &ports, "", MAILBOX);
     let (acked, _) = load_and_kill(&config, &ports, |_| {});
     reconcile(&config, &acked);
+    // Stores are durable through the journal (src/spool/journal.rs) before sled writes them:
+    // restarts after kills must have put some back, or this test did not test that path.
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let restored = log.matches("restored stored messages from the journal").count();
+    eprintln!("{restored} of {CYCLES} restarts restored stores from the journal");
+    assert!(restored > 0, "no restart replayed the journal");
 }
 
 #[test]

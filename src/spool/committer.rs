@@ -2,13 +2,17 @@
 //!
 //! Writers send a request: a commit of what they inserted, or a message's prepared jobs
 //! (`Store`) whose inserts the committer makes itself. It waits for one request, takes every
-//! request already queued behind it, applies the batch's stores in one sled transaction, syncs
-//! the segment files written since the last commit, runs `db.flush()` + `sync_data()` on
-//! `<dir>/db` once, and answers every waiter of that batch with the same result (a store: its
-//! outcomes). Requests that arrive during a flush wait for the next one, whose flush covers
-//! their inserts. sled's `flush_async` is never used (concurrent calls deadlock on 0.34), and
-//! the `sync_data` closes the gap left by sled's `sync_file_range` (no disk cache flush, no
-//! metadata).
+//! request already queued behind it, applies the batch's stores to sled and to one journal
+//! frame (jobs.rs, journal.rs), syncs the segment files written since the last commit, then
+//! appends and syncs the frame, and answers every waiter of that batch with the same result (a
+//! store: its outcomes). Requests that arrive during a commit wait for the next one.
+//!
+//! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
+//! `sync_data()` on `<dir>/db`, then the journal emptied) when the batch holds a plain commit
+//! request (state changes and removals are not journaled), when a segment is to be deleted, or
+//! when the journal passes its size limit. sled's `flush_async` is never used (concurrent calls
+//! deadlock on 0.34), and the `sync_data` closes the gap left by sled's `sync_file_range` (no
+//! disk cache flush, no metadata).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::jobs::{self, Staged, StoreTrees};
+use super::journal::{Frame, JOURNAL_MAX, Journal};
 use super::segments::Segments;
 use super::{SpoolError, StoreOutcome};
 
@@ -36,21 +41,27 @@ pub(super) struct Committer {
     db: sled::Db,
     trees: StoreTrees,
     file: File,
+    journal: Journal,
     segments: Arc<Segments>,
     rx: mpsc::UnboundedReceiver<Msg>,
     flushes: Arc<AtomicU64>,
 }
 
+/// What the committer works with, from `Spool::open`.
+pub(super) struct Parts {
+    pub db: sled::Db,
+    pub trees: StoreTrees,
+    /// `<dir>/db`, sled's file.
+    pub file: File,
+    pub journal: Journal,
+    pub segments: Arc<Segments>,
+    pub flushes: Arc<AtomicU64>,
+}
+
 impl Committer {
-    pub fn new(
-        db: sled::Db,
-        trees: StoreTrees,
-        file: File,
-        segments: Arc<Segments>,
-        rx: mpsc::UnboundedReceiver<Msg>,
-        flushes: Arc<AtomicU64>,
-    ) -> Self {
-        Committer { db, trees, file, segments, rx, flushes }
+    pub fn new(p: Parts, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
+        let Parts { db, trees, file, journal, segments, flushes } = p;
+        Committer { db, trees, file, journal, segments, rx, flushes }
     }
 
     /// Runs on its own thread until the channel closes: no hop through tokio's blocking pool
@@ -64,23 +75,32 @@ impl Committer {
             tracing::debug!(target: "mailgate::commit", batch = batch.len(), "batch");
             let mut waiters = Vec::with_capacity(batch.len());
             let mut stores = Vec::new();
-            let mut stop = false;
+            let (mut stop, mut sled_too) = (false, false);
             for msg in batch {
                 match msg {
-                    Msg::Commit(w) => waiters.extend(w),
+                    Msg::Commit(w) => {
+                        sled_too = true;
+                        waiters.extend(w);
+                    }
                     Msg::Store(staged, w) => stores.push((staged, w)),
                     Msg::Stop(w) => {
-                        stop = true;
+                        (stop, sled_too) = (true, true);
                         waiters.push(w);
                     }
                 }
             }
+            let seq = self.journal.next_seq();
+            let mut frame = Frame::new(seq);
             let applied = if stores.is_empty() {
                 Ok(Vec::new())
             } else {
-                jobs::apply(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>())
+                jobs::apply(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>(), &mut frame)
+                    .and_then(|out| self.trees.trees.mark_applied(seq).map(|_| out))
             };
-            let result = self.flush();
+            // A batch whose inserts failed part way writes no frame: none of its stores is
+            // acknowledged.
+            let frame = (applied.is_ok() && !frame.is_empty()).then(|| frame.finish());
+            let result = self.flush(frame.as_deref(), sled_too);
             self.flushes.fetch_add(1, Ordering::Relaxed);
             // A store fails if its inserts or the flush failed.
             let stored = applied.and_then(|outcomes| result.as_ref().map(|_| outcomes).map_err(duplicate));
@@ -113,18 +133,25 @@ impl Committer {
 }
 
 impl Committer {
-    /// Segments first (the records about to be flushed point into them), then sled; empty
-    /// segments go only once the removal of their last pointer is durable.
-    fn flush(&self) -> Result<(), SpoolError> {
+    /// Segments first (the records about to be made durable point into them), then the
+    /// journal frame, then (when needed, see the module docs) sled; empty segments go only
+    /// once the removal of their last pointer is durable.
+    fn flush(&mut self, frame: Option<&[u8]>, sled_too: bool) -> Result<(), SpoolError> {
         let t0 = std::time::Instant::now();
         let synced = self.segments.sync()?;
         let t1 = std::time::Instant::now();
-        self.db.flush()?;
+        if let Some(frame) = frame {
+            self.journal.append(frame)?;
+        }
         let t2 = std::time::Instant::now();
-        self.file.sync_data()?;
+        if sled_too || !synced.is_empty() || self.journal.len() >= JOURNAL_MAX {
+            self.db.flush()?;
+            self.file.sync_data()?;
+            self.journal.reset()?;
+        }
         self.segments.after_commit(synced);
         tracing::debug!(target: "mailgate::commit", segments_us = (t1 - t0).as_micros() as u64,
-            flush_us = (t2 - t1).as_micros() as u64, sync_us = t2.elapsed().as_micros() as u64, "commit");
+            journal_us = (t2 - t1).as_micros() as u64, sled_us = t2.elapsed().as_micros() as u64, "commit");
         Ok(())
     }
 }

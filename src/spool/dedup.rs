@@ -1,7 +1,7 @@
-//! The dedup index: key -> (job id, expiry). Looked up and written inside the store
-//! transaction, so two concurrent stores of the same key create one job.
+//! The dedup index: key -> (job id, expiry). Looked up and written by the committer alone
+//! (jobs.rs), batch by batch in order, so two concurrent stores of the same key create one job.
 
-use sled::transaction::{TransactionalTree, UnabortableTransactionError};
+use sled::Tree;
 use time::OffsetDateTime;
 
 use super::keys::{parse_dedup_value, unix_ms};
@@ -9,11 +9,7 @@ use super::{Spool, SpoolError};
 
 /// The job that holds one of `keys` and has not expired at `now_ms`, if any. An unreadable
 /// value counts as absent (the store overwrites it).
-pub(super) fn holder(
-    tree: &TransactionalTree,
-    keys: &[Vec<u8>],
-    now_ms: u64,
-) -> Result<Option<u64>, UnabortableTransactionError> {
+pub(super) fn holder(tree: &Tree, keys: &[Vec<u8>], now_ms: u64) -> Result<Option<u64>, SpoolError> {
     for key in keys {
         if let Some(value) = tree.get(key)?
             && let Some((id, expires)) = parse_dedup_value(&value)

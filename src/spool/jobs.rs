@@ -1,20 +1,22 @@
 //! Storing jobs. The session writes the raw message (once) and any full-job blob to a segment
 //! and prepares every job record; the group committer then applies the whole batch of such
-//! messages in one sled transaction (each record with its state index entry, raw-message
-//! reference and dedup entries) right before the flush that makes the batch durable. `store`
-//! returns only after that commit.
+//! messages to sled with plain inserts (each record with its state index entry, raw-message
+//! reference and dedup entries) and writes the same inserts as one journal frame, which the
+//! commit makes durable (journal.rs). `store` returns only after that commit.
 //!
-//! One transaction per batch, not per message: every sled transaction writes the log buffer
-//! out twice (sled 0.34's `pin_log` rolls it before and after its batch manifest), which cost
-//! two `pwrite`s on sled's I/O pool for every message stored.
+//! No sled transaction: every one writes sled's log buffer out twice (sled 0.34's `pin_log`
+//! rolls it before and after its batch manifest). A batch's atomicity comes from the journal
+//! instead: its frame is replayed at open unless sled kept the whole batch.
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{Transactional, Tree};
+use sled::Tree;
+use sled::transaction::TransactionError;
 use tokio::sync::oneshot;
 
 use super::committer::Msg;
+use super::journal::{Frame, JournalTrees, TreeId};
 use super::keys::{dedup_value, id_key, now_ms_precision, ref_key, state_key, unix_ms};
 use super::records::StoredJob;
+use super::segments::{Loc, loc_key};
 use super::{NewJob, Spool, SpoolError, StoreOutcome, dedup};
 use crate::job::{JobState, format_id};
 
@@ -49,17 +51,20 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// A job ready to be written by the store transaction.
+/// A job ready to be written by the committer.
 pub(super) struct Prepared {
     id: u64,
     record: Vec<u8>,
     mailbox: Vec<u8>,
     keys: Vec<Vec<u8>>,
+    /// The full-job blob and where it is, for a record that is only a stub.
+    full: Option<(u64, Loc)>,
 }
 
 /// One message's jobs, prepared by its session for the committer.
 pub(super) struct Staged {
     raw_id: u64,
+    raw_loc: Loc,
     now_ms: u64,
     /// When the dedup entries written for these jobs expire.
     expires: u64,
@@ -69,45 +74,60 @@ pub(super) struct Staged {
 /// The trees a store writes, held by the committer.
 #[derive(Clone)]
 pub(super) struct StoreTrees {
-    pub jobs: Tree,
-    pub state: Tree,
-    pub dedup: Tree,
-    pub refs: Tree,
+    pub trees: JournalTrees,
     /// Dedup window is not zero.
     pub dedup_on: bool,
 }
 
-/// Applies `batch` in one transaction: per message, one outcome per job, in order. A job is
-/// a duplicate when a dedup entry of an earlier job (stored before, or earlier in the batch)
-/// holds one of its keys and has not expired.
-pub(super) fn apply(t: &StoreTrees, batch: &[&Staged]) -> Result<Vec<Vec<StoreOutcome>>, SpoolError> {
-    (&t.jobs, &t.state, &t.dedup, &t.refs)
-        .transaction(|(jobs, state, dedup, refs)| {
-            let mut all = Vec::with_capacity(batch.len());
-            for staged in batch {
-                let mut out = Vec::with_capacity(staged.jobs.len());
-                for p in &staged.jobs {
-                    if t.dedup_on
-                        && let Some(first) = dedup::holder(dedup, &p.keys, staged.now_ms)?
-                    {
-                        out.push(StoreOutcome::Duplicate { id: format_id(first) });
-                        continue;
-                    }
-                    jobs.insert(&id_key(p.id)[..], p.record.as_slice())?;
-                    state.insert(&state_key(JobState::Ready, p.id)[..], p.mailbox.as_slice())?;
-                    refs.insert(&ref_key(staged.raw_id, p.id)[..], &[][..])?;
-                    if t.dedup_on {
-                        for key in &p.keys {
-                            dedup.insert(key.as_slice(), &dedup_value(p.id, staged.expires)[..])?;
-                        }
-                    }
-                    out.push(StoreOutcome::Stored { id: format_id(p.id) });
-                }
-                all.push(out);
+/// Applies `batch` to sled and writes every insert to `frame` as well (the raw messages'
+/// locations only there: the sessions inserted them). Per message, one outcome per job, in
+/// order. A job is a duplicate when a dedup entry of an earlier job (stored before, or earlier
+/// in the batch) holds one of its keys and has not expired. The dedup entries go last, so a
+/// batch cut short by an error never leaves an entry that would refuse the sender's retry.
+pub(super) fn apply(
+    st: &StoreTrees,
+    batch: &[&Staged],
+    frame: &mut Frame,
+) -> Result<Vec<Vec<StoreOutcome>>, SpoolError> {
+    let t = &st.trees;
+    let mut put = |id: TreeId, tree: &Tree, key: &[u8], value: &[u8]| -> Result<(), SpoolError> {
+        tree.insert(key, value)?;
+        frame.put(id, key, value);
+        Ok(())
+    };
+    let mut all = Vec::with_capacity(batch.len());
+    let mut locs = Vec::new();
+    for staged in batch {
+        let mut out = Vec::with_capacity(staged.jobs.len());
+        let mut raw_used = false;
+        for p in &staged.jobs {
+            if st.dedup_on
+                && let Some(first) = dedup::holder(&t.dedup, &p.keys, staged.now_ms)?
+            {
+                out.push(StoreOutcome::Duplicate { id: format_id(first) });
+                continue;
             }
-            Ok::<_, ConflictableTransactionError<SpoolError>>(all)
-        })
-        .map_err(tx_error)
+            if !raw_used {
+                raw_used = true;
+                locs.push((staged.raw_id, staged.raw_loc));
+            }
+            locs.extend(p.full);
+            put(TreeId::Jobs, &t.jobs, &id_key(p.id), &p.record)?;
+            put(TreeId::State, &t.state, &state_key(JobState::Ready, p.id), &p.mailbox)?;
+            put(TreeId::Refs, &t.refs, &ref_key(staged.raw_id, p.id), &[])?;
+            if st.dedup_on {
+                for key in &p.keys {
+                    put(TreeId::Dedup, &t.dedup, key, &dedup_value(p.id, staged.expires))?;
+                }
+            }
+            out.push(StoreOutcome::Stored { id: format_id(p.id) });
+        }
+        all.push(out);
+    }
+    for (blob, loc) in locs {
+        frame.put(TreeId::Rawloc, &loc_key(blob), &loc.encode());
+    }
+    Ok(all)
 }
 
 pub(super) fn tx_error(e: TransactionError<SpoolError>) -> SpoolError {
@@ -181,20 +201,15 @@ impl Spool {
     ) -> Result<Vec<StoreOutcome>, SpoolError> {
         let mut written = Vec::new();
         let (staged, _) = self.stage(raw, jobs, &mut written, pending)?;
-        Ok(apply(&self.store_trees(), &[&staged])?.pop().unwrap_or_default())
+        let mut frame = Frame::new(0);
+        Ok(apply(&self.store_trees(), &[&staged], &mut frame)?.pop().unwrap_or_default())
     }
 
     /// Test only: the trees the committer was given.
     #[cfg(test)]
     pub(super) fn store_trees(&self) -> StoreTrees {
         let i = &self.0;
-        StoreTrees {
-            jobs: i.jobs.clone(),
-            state: i.state.clone(),
-            dedup: i.dedup.clone(),
-            refs: i.refs.clone(),
-            dedup_on: !i.opts.dedup_window.is_zero(),
-        }
+        StoreTrees { trees: self.journal_trees(), dedup_on: !i.opts.dedup_window.is_zero() }
     }
 
     /// Writes the raw message and any full-job blobs (their ids go to `written`) and prepares
@@ -208,7 +223,7 @@ impl Spool {
     ) -> Result<(Staged, Vec<Kept>), SpoolError> {
         let i = &self.0;
         let raw_id = i.db.generate_id()?;
-        self.write_message(raw_id, raw_msg)?;
+        let raw_loc = self.write_message(raw_id, raw_msg)?;
         written.push(raw_id);
         let now = now_ms_precision();
         let now_ms = unix_ms(now);
@@ -225,15 +240,15 @@ impl Spool {
             job.lease_until = None;
             job.updated_at = Some(now);
             let mailbox = job.mailbox.clone().into_bytes();
-            let record = StoredJob::build(self, raw_id, job)?;
+            let (record, full) = StoredJob::build(self, raw_id, job)?;
             written.extend(record.full);
             let mut keys: Vec<Vec<u8>> = new.dedup_keys.into_iter().filter(|k| !k.is_empty()).collect();
             keys.sort();
             keys.dedup();
             kept.push(Kept { mailbox: mailbox.clone(), full: record.full });
-            prepared.push(Prepared { id, record: record.encode()?, mailbox, keys });
+            prepared.push(Prepared { id, record: record.encode()?, mailbox, keys, full });
         }
-        Ok((Staged { raw_id, now_ms, expires, jobs: prepared }, kept))
+        Ok((Staged { raw_id, raw_loc, now_ms, expires, jobs: prepared }, kept))
     }
 
     /// Removes blobs no stored job uses (a store's blobs on an error before its inserts, a

@@ -7,10 +7,12 @@
 //! `raw` (blob id + chunk index -> at most 4 KiB: raw messages and full records of big jobs
 //! from spools written before segment files; read and removed, never written), `refs` (raw
 //! blob id + job id: who uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
-//! entry JSON). A job record, its state index entry, its timer and its dedup entries always
-//! change in one transaction.
+//! entry JSON). A change of a job's state moves its record, state index entry and timer in one
+//! transaction; a store's inserts are made durable by the journal (`journal.rs`), which is
+//! replayed at open.
 //!
-//! Files: `committer.rs` (group commit), `segments.rs` (raw messages in segment files),
+//! Files: `committer.rs` (group commit), `journal.rs` (the store journal), `segments.rs` (raw
+//! messages in segment files),
 //! `recover.rs` (jobs whose message a machine crash took), `jobs.rs` (store), `transitions.rs` (state changes,
 //! leases), `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup
 //! lookups and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record),
@@ -22,6 +24,7 @@ mod committer;
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 mod dedup;
 mod jobs;
+mod journal;
 mod keys;
 mod present;
 mod raw;
@@ -33,6 +36,8 @@ mod segments;
 mod tests;
 #[cfg(test)]
 mod tests_delivery;
+#[cfg(test)]
+mod tests_journal;
 #[cfg(test)]
 mod tests_queue;
 #[cfg(test)]
@@ -245,6 +250,20 @@ impl Spool {
         let (jobs, state, leases, raw, dedup, rejects) =
             (tree("jobs")?, tree("state")?, tree("leases")?, tree("raw")?, tree("dedup")?, tree("rejects")?);
         let (refs, rawloc) = (tree("refs")?, tree("rawloc")?);
+        let journal_trees = journal::JournalTrees {
+            jobs: jobs.clone(),
+            state: state.clone(),
+            refs: refs.clone(),
+            dedup: dedup.clone(),
+            rawloc: rawloc.clone(),
+            meta: Tree::clone(&db),
+        };
+        // Before anything reads the trees: the journal may hold stores sled lost.
+        let (journal, replayed) = journal::Journal::open(dir, &db, &journal_trees)?;
+        if replayed > 0 {
+            tracing::info!(target: "mailgate::spool", batches = replayed,
+                "restored stored messages from the journal that sled had not written before the last stop");
+        }
         let (segments, damaged) = segments::Segments::open(dir, &rawloc, segments::SEGMENT_MAX)?;
         if !damaged.is_empty() {
             let trees = recover::Trees { jobs: &jobs, state: &state, refs: &refs, dedup: &dedup, rawloc: &rawloc };
@@ -281,14 +300,16 @@ impl Spool {
 
         let (commits, rx) = mpsc::unbounded_channel();
         let flushes = Arc::new(AtomicU64::new(0));
-        let trees = jobs::StoreTrees {
-            jobs: jobs.clone(),
-            state: state.clone(),
-            dedup: dedup.clone(),
-            refs: refs.clone(),
-            dedup_on: !opts.dedup_window.is_zero(),
+        let trees = jobs::StoreTrees { trees: journal_trees, dedup_on: !opts.dedup_window.is_zero() };
+        let parts = committer::Parts {
+            db: db.clone(),
+            trees,
+            file,
+            journal,
+            segments: segments.clone(),
+            flushes: flushes.clone(),
         };
-        let committer = Committer::new(db.clone(), trees, file, segments.clone(), rx, flushes.clone());
+        let committer = Committer::new(parts, rx);
         let handle = std::thread::Builder::new().name("mailgate-commit".into()).spawn(move || committer.run())?;
         Ok(Spool(Arc::new(Inner {
             dir: dir.to_path_buf(),
@@ -314,6 +335,20 @@ impl Spool {
             reject_clock: Mutex::new(last_reject),
             closed: AtomicBool::new(false),
         })))
+    }
+
+    /// The trees a journal frame writes (see journal.rs).
+    #[cfg(test)]
+    fn journal_trees(&self) -> journal::JournalTrees {
+        let i = &self.0;
+        journal::JournalTrees {
+            jobs: i.jobs.clone(),
+            state: i.state.clone(),
+            refs: i.refs.clone(),
+            dedup: i.dedup.clone(),
+            rawloc: i.rawloc.clone(),
+            meta: Tree::clone(&i.db),
+        }
     }
 
     /// The spool directory.
@@ -393,13 +428,13 @@ impl Spool {
 
     /// Writes blob `raw_id` (a raw message or a full job record) to a segment and its pointer
     /// to `rawloc`.
-    fn write_message(&self, raw_id: u64, data: &[u8]) -> Result<(), SpoolError> {
+    fn write_message(&self, raw_id: u64, data: &[u8]) -> Result<segments::Loc, SpoolError> {
         let loc = self.0.segments.append(data)?;
         if let Err(e) = self.0.rawloc.insert(segments::loc_key(raw_id), &loc.encode()[..]) {
             self.0.segments.release(&loc);
             return Err(e.into());
         }
-        Ok(())
+        Ok(loc)
     }
 
     /// Blob `raw_id`, from its segment or (spools from before segments) the raw tree.

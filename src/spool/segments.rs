@@ -5,9 +5,9 @@
 //! written once, with `pwrite` at an offset reserved under a short lock, and the sled tree
 //! `rawloc` keeps only its location (segment, offset, length, CRC-32).
 //!
-//! Durability: the committer calls [`Segments::sync`] before it flushes sled, so every segment
-//! byte written before a commit request is on disk before the records that point to it are
-//! acknowledged. A record can still reach the disk *without* its bytes if the machine (not just
+//! Durability: the committer calls [`Segments::sync`] before it writes the batch's journal
+//! frame (or flushes sled), so every segment byte written before a commit request is on disk
+//! before the records that point to it are acknowledged. A record can still reach the disk *without* its bytes if the machine (not just
 //! the process) dies before the commit: such a job was never acknowledged, and [`Segments::open`]
 //! finds it by checking the CRC of every message in the newest segments.
 //!
@@ -90,6 +90,13 @@ struct State {
 
 /// What [`Segments::sync`] took: the segments to delete once the commit is through.
 pub(super) struct Synced(Vec<u32>);
+
+impl Synced {
+    /// No segment is waiting to be deleted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 fn seg_name(seg: u32) -> String {
     format!("{seg:08x}.seg")
@@ -228,7 +235,8 @@ impl Segments {
     }
 
     /// Makes every completed [`Segments::append`] durable. Called by the committer before it
-    /// flushes sled; hand the result to [`Segments::after_commit`] once that flush is through.
+    /// writes the journal or flushes sled; hand the result to [`Segments::after_commit`] once
+    /// a sled flush is through.
     pub fn sync(&self) -> Result<Synced, SpoolError> {
         let (files, new_entry, doomed) = {
             let mut st = self.lock()?;

@@ -309,8 +309,8 @@ async fn reopen_keeps_everything_and_the_lock_is_exclusive() {
 
 #[tokio::test]
 async fn one_batch_applies_several_messages_and_dedups_across_them() {
-    // What the committer does with the stores that meet in one batch: one transaction, in
-    // order, so the second message with the first's dedup key is its duplicate.
+    // What the committer does with the stores that meet in one batch: applied in order, so
+    // the second message with the first's dedup key is its duplicate.
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), options()).unwrap();
     let key = dedup_key_ident("QX", "incoming+k@x", "incoming", "k", &[1; 32]);
@@ -320,7 +320,8 @@ async fn one_batch_applies_several_messages_and_dedups_across_them() {
     let b = stage(b"again", new_job("incoming", "k", vec![key]));
     let c = stage(b"other", new_job("incoming", "k2", vec![]));
     let i = &spool.0;
-    let out = super::jobs::apply(&spool.store_trees(), &[&a, &b, &c]).unwrap();
+    let mut frame = super::journal::Frame::new(1);
+    let out = super::jobs::apply(&spool.store_trees(), &[&a, &b, &c], &mut frame).unwrap();
     let first = stored_id(&out[0][0]);
     assert_eq!(out[1], vec![StoreOutcome::Duplicate { id: first.clone() }]);
     assert!(matches!(&out[2][0], StoreOutcome::Stored { id } if *id != first), "{out:?}");
