@@ -8,7 +8,7 @@
 //! store: its outcomes). Requests that arrive during a commit wait for the next one.
 //!
 //! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
-//! `sync_data()` on `<dir>/db`, then the journal emptied) when the batch holds a plain commit
+//! `sync_data()` on `<dir>/db`, then the journal started again) when the batch holds a plain commit
 //! request (state changes and removals are not journaled), when a segment is to be deleted, or
 //! when the journal passes its size limit. sled's `flush_async` is never used (concurrent calls
 //! deadlock on 0.34), and the `sync_data` closes the gap left by sled's `sync_file_range` (no
@@ -89,7 +89,7 @@ impl Committer {
                     }
                 }
             }
-            let seq = self.journal.next_seq();
+            let seq = self.journal.take_seq();
             let mut frame = Frame::new(seq);
             let applied = if stores.is_empty() {
                 Ok(Vec::new())
@@ -147,7 +147,7 @@ impl Committer {
         if sled_too || !synced.is_empty() || self.journal.len() >= JOURNAL_MAX {
             self.db.flush()?;
             self.file.sync_data()?;
-            self.journal.reset()?;
+            self.journal.reset();
         }
         self.segments.after_commit(synced);
         tracing::debug!(target: "mailgate::commit", segments_us = (t1 - t0).as_micros() as u64,

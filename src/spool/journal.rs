@@ -5,15 +5,20 @@
 //! applies a batch's stores to sled with plain inserts and writes the same inserts as one frame
 //! to this file, which it syncs together with the segment files. sled itself is flushed only
 //! when a batch needs it (state changes, removals, shutdown) or the journal passes
-//! [`JOURNAL_MAX`]; after every sled flush the journal is emptied.
+//! [`JOURNAL_MAX`]; after every sled flush the journal starts again at its beginning.
+//!
+//! The file is filled with zeros at open ([`PREALLOCATED`]) and then overwritten in place: an
+//! `fdatasync` of blocks that already exist needs no file system metadata (about 65 µs here,
+//! against about 100 µs for an append).
 //!
 //! Recovery: the last insert of every applied frame is its sequence number under
 //! [`APPLIED_KEY`] in sled's default tree. sled recovers a prefix of its log, so when that key
 //! survived with sequence `n`, every insert of frames up to `n` survived too. At open every
 //! intact frame after `n` is applied again (its inserts are plain puts: applying one twice
-//! changes nothing), sled is flushed and the journal emptied. A frame cut short or failing its
+//! changes nothing), sled is flushed and the file zeroed. A frame cut short or failing its
 //! CRC ends the replay: it was being written when the process died and none of its messages
-//! had a 250.
+//! had a 250. So do zeros and a frame whose number is not above the one before it: what
+//! follows the newest frames is what earlier rounds left, all of it in sled already.
 //!
 //! Frame: `len: u32 | crc32(payload): u32 | payload`; payload: `seq: u64 | count: u32` and
 //! `count` times `tree: u8 | key_len: u32 | key | value_len: u32 | value` (big-endian).
@@ -26,8 +31,12 @@ use sled::Tree;
 
 use super::SpoolError;
 
-/// sled is flushed and the journal emptied once it holds this much.
+/// sled is flushed and the journal started again once it holds this much.
 pub(super) const JOURNAL_MAX: u64 = 4 << 20;
+
+/// The journal's size in zeros after open: room for [`JOURNAL_MAX`] and the frame that passes
+/// it (a bigger frame makes the file grow).
+const PREALLOCATED: u64 = JOURNAL_MAX + (1 << 20);
 
 /// Key in sled's default tree: the sequence number of the last frame applied to sled.
 pub(super) const APPLIED_KEY: &[u8] = b"journal-applied";
@@ -160,15 +169,25 @@ impl Journal {
             replayed += 1;
         }
         db.flush()?;
-        let mut journal = Journal { file, len: bytes.len() as u64, next_seq: last.saturating_add(1) };
-        journal.reset()?;
+        // Everything in the file is in sled now: zeros over all of it (fresh extents for the
+        // overwrites to come, and no frame left to read again).
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < PREALLOCATED.max(bytes.len() as u64) {
+            file.write_all_at(&zeros, at)?;
+            at += zeros.len() as u64;
+        }
+        file.sync_all()?;
         std::fs::File::open(dir)?.sync_all()?;
-        Ok((journal, replayed))
+        Ok((Journal { file, len: 0, next_seq: last.saturating_add(1) }, replayed))
     }
 
-    /// The next frame's sequence number.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
+    /// A sequence number for the next frame. Every batch takes its own, used or not: a
+    /// number sled has recorded as applied is never given to another frame.
+    pub fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     /// Bytes written since the last [`Journal::reset`].
@@ -184,26 +203,23 @@ impl Journal {
             return Err(e.into());
         }
         self.len += frame.len() as u64;
-        self.next_seq += 1;
         Ok(())
     }
 
-    /// Empties the journal: call only after a sled flush that covers every frame in it.
-    pub fn reset(&mut self) -> Result<(), SpoolError> {
-        if self.len > 0 {
-            self.file.set_len(0)?;
-            self.len = 0;
-        }
-        Ok(())
+    /// Starts the journal again at its beginning: call only after a sled flush that covers
+    /// every frame in it. What it held is overwritten by the frames to come.
+    pub fn reset(&mut self) {
+        self.len = 0;
     }
 }
 
 type Put<'a> = (u8, &'a [u8], &'a [u8]);
 
 /// The intact frames at the start of `bytes`, each as (seq, inserts); ends at the first
-/// frame cut short or failing its CRC.
+/// frame cut short, failing its CRC, or numbered no higher than the one before it.
 pub(super) fn frames(bytes: &[u8]) -> impl Iterator<Item = Result<(u64, Vec<Put<'_>>), SpoolError>> {
     let mut rest = bytes;
+    let mut last = 0u64;
     std::iter::from_fn(move || {
         let (len, crc) = (be_u32(rest.get(..4)?)?, be_u32(rest.get(4..HEADER)?)?);
         if (len as usize) < 12 {
@@ -215,7 +231,15 @@ pub(super) fn frames(bytes: &[u8]) -> impl Iterator<Item = Result<(u64, Vec<Put<
             return None;
         }
         rest = &rest[HEADER + len as usize..];
-        Some(parse(payload).ok_or_else(|| SpoolError::Corrupt("journal frame with a valid CRC does not parse".into())))
+        let frame = parse(payload);
+        match frame {
+            Some((seq, _)) if seq <= last => None,
+            Some(f) => {
+                last = f.0;
+                Some(Ok(f))
+            }
+            None => Some(Err(SpoolError::Corrupt("journal frame with a valid CRC does not parse".into()))),
+        }
     })
 }
 
