@@ -201,7 +201,7 @@ fn kill_9_during_delivery_and_the_reaper_loses_nothing_and_redelivers_only_after
     let mut redelivered = 0;
     for job in &jobs {
         let id = job["id"].as_str().unwrap_or_default();
-        assert_eq!(job["state"], "done", "job {id}");
+        assert_eq!(job["state"], "done", "job {id}: {job}");
         let times = delivered.get(id).unwrap_or_else(|| panic!("job {id} was never delivered"));
         for pair in times.windows(2) {
             let after_a_kill = kills.iter().any(|k| *k >= pair[0] && *k <= pair[1]);

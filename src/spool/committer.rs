@@ -2,9 +2,9 @@
 //!
 //! Writers send a request: a commit of what they inserted, or a message's prepared jobs
 //! (`Store`) whose inserts the committer makes itself. It waits for one request, takes every
-//! request already queued behind it, applies the batch's stores to sled and to one journal
-//! frame (jobs.rs, journal.rs), syncs the segment files written since the last commit, then
-//! appends and syncs the frame, and answers every waiter of that batch with the same result (a
+//! request already queued behind it, plans the batch's stores as one journal frame (jobs.rs,
+//! journal.rs), syncs the segment files written since the last commit, appends and syncs the
+//! frame, applies it to sled, and answers every waiter of that batch with the same result (a
 //! store: its outcomes). Requests that arrive during a commit wait for the next one.
 //!
 //! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::jobs::{self, Staged, StoreTrees};
-use super::journal::{Frame, JOURNAL_MAX, Journal};
+use super::journal::{self, Frame, JOURNAL_MAX, Journal};
 use super::segments::Segments;
 use super::{SpoolError, StoreOutcome};
 
@@ -94,11 +94,8 @@ impl Committer {
             let applied = if stores.is_empty() {
                 Ok(Vec::new())
             } else {
-                jobs::apply(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>(), &mut frame)
-                    .and_then(|out| self.trees.trees.mark_applied(seq).map(|_| out))
+                jobs::plan(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>(), &mut frame)
             };
-            // A batch whose inserts failed part way writes no frame: none of its stores is
-            // acknowledged.
             let frame = (applied.is_ok() && !frame.is_empty()).then(|| frame.finish());
             let result = self.flush(frame.as_deref(), sled_too);
             self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +139,9 @@ impl Committer {
         let t1 = std::time::Instant::now();
         if let Some(frame) = frame {
             self.journal.append(frame)?;
+            // Durable now: into sled. An error here leaves the frame to be applied at the next
+            // open; this batch's senders get a temporary failure and try again.
+            journal::apply(&self.trees.trees, frame)?;
         }
         let t2 = std::time::Instant::now();
         if sled_too || !synced.is_empty() || self.journal.len() >= JOURNAL_MAX {

@@ -1,14 +1,17 @@
 //! Storing jobs. The session writes the raw message (once) and any full-job blob to a segment
-//! and prepares every job record; the group committer then applies the whole batch of such
-//! messages to sled with plain inserts (each record with its state index entry, raw-message
-//! reference and dedup entries) and writes the same inserts as one journal frame, which the
-//! commit makes durable (journal.rs). `store` returns only after that commit.
+//! and prepares every job record; the group committer then plans the whole batch of such
+//! messages (de-duplication decided, every insert written to one journal frame: each record
+//! with its state index entry, raw-message reference and dedup entries), makes the frame
+//! durable, and only then applies it to sled with plain inserts (journal.rs). `store` returns
+//! only after that.
 //!
 //! No sled transaction: every one writes sled's log buffer out twice (sled 0.34's `pin_log`
 //! rolls it before and after its batch manifest). A batch's atomicity comes from the journal
-//! instead: its frame is replayed at open unless sled kept the whole batch.
+//! instead: nothing reaches sled before its frame is durable, and the frame is applied again
+//! at open unless sled kept the whole batch.
 
-use sled::Tree;
+use std::collections::HashMap;
+
 use sled::transaction::TransactionError;
 use tokio::sync::oneshot;
 
@@ -79,45 +82,46 @@ pub(super) struct StoreTrees {
     pub dedup_on: bool,
 }
 
-/// Applies `batch` to sled and writes every insert to `frame` as well (the raw messages'
-/// locations only there: the sessions inserted them). Per message, one outcome per job, in
-/// order. A job is a duplicate when a dedup entry of an earlier job (stored before, or earlier
-/// in the batch) holds one of its keys and has not expired. The dedup entries go last, so a
-/// batch cut short by an error never leaves an entry that would refuse the sender's retry.
-pub(super) fn apply(
+/// Plans `batch`: decides de-duplication and writes every insert to `frame`; sled is not
+/// touched (the committer applies the frame once it is durable). Per message, one outcome per
+/// job, in order. A job is a duplicate when a dedup entry of an earlier job (stored before, or
+/// earlier in the batch) holds one of its keys and has not expired.
+pub(super) fn plan(
     st: &StoreTrees,
     batch: &[&Staged],
     frame: &mut Frame,
 ) -> Result<Vec<Vec<StoreOutcome>>, SpoolError> {
     let t = &st.trees;
-    let mut put = |id: TreeId, tree: &Tree, key: &[u8], value: &[u8]| -> Result<(), SpoolError> {
-        tree.insert(key, value)?;
-        frame.put(id, key, value);
-        Ok(())
-    };
     let mut all = Vec::with_capacity(batch.len());
     let mut locs = Vec::new();
+    // Dedup keys of the jobs planned so far in this batch (not in sled yet).
+    let mut planned: HashMap<&[u8], u64> = HashMap::new();
     for staged in batch {
         let mut out = Vec::with_capacity(staged.jobs.len());
         let mut raw_used = false;
         for p in &staged.jobs {
-            if st.dedup_on
-                && let Some(first) = dedup::holder(&t.dedup, &p.keys, staged.now_ms)?
-            {
-                out.push(StoreOutcome::Duplicate { id: format_id(first) });
-                continue;
+            if st.dedup_on {
+                let earlier = match p.keys.iter().find_map(|k| planned.get(k.as_slice())) {
+                    Some(id) => Some(*id),
+                    None => dedup::holder(&t.dedup, &p.keys, staged.now_ms)?,
+                };
+                if let Some(first) = earlier {
+                    out.push(StoreOutcome::Duplicate { id: format_id(first) });
+                    continue;
+                }
             }
             if !raw_used {
                 raw_used = true;
                 locs.push((staged.raw_id, staged.raw_loc));
             }
             locs.extend(p.full);
-            put(TreeId::Jobs, &t.jobs, &id_key(p.id), &p.record)?;
-            put(TreeId::State, &t.state, &state_key(JobState::Ready, p.id), &p.mailbox)?;
-            put(TreeId::Refs, &t.refs, &ref_key(staged.raw_id, p.id), &[])?;
+            frame.put(TreeId::Jobs, &id_key(p.id), &p.record);
+            frame.put(TreeId::State, &state_key(JobState::Ready, p.id), &p.mailbox);
+            frame.put(TreeId::Refs, &ref_key(staged.raw_id, p.id), &[]);
             if st.dedup_on {
                 for key in &p.keys {
-                    put(TreeId::Dedup, &t.dedup, key, &dedup_value(p.id, staged.expires))?;
+                    frame.put(TreeId::Dedup, key, &dedup_value(p.id, staged.expires));
+                    planned.insert(key, p.id);
                 }
             }
             out.push(StoreOutcome::Stored { id: format_id(p.id) });
@@ -201,8 +205,10 @@ impl Spool {
     ) -> Result<Vec<StoreOutcome>, SpoolError> {
         let mut written = Vec::new();
         let (staged, _) = self.stage(raw, jobs, &mut written, pending)?;
-        let mut frame = Frame::new(0);
-        Ok(apply(&self.store_trees(), &[&staged], &mut frame)?.pop().unwrap_or_default())
+        let mut frame = Frame::new(1);
+        let out = plan(&self.store_trees(), &[&staged], &mut frame)?.pop().unwrap_or_default();
+        super::journal::apply(&self.journal_trees(), &frame.finish())?;
+        Ok(out)
     }
 
     /// Test only: the trees the committer was given.

@@ -2,8 +2,10 @@
 //!
 //! Why: a sled 0.34 transaction writes sled's log buffer out twice (`pin_log`), and a sled
 //! `flush()` once more; per group commit that was a quarter of intake's CPU. Now the committer
-//! applies a batch's stores to sled with plain inserts and writes the same inserts as one frame
-//! to this file, which it syncs together with the segment files. sled itself is flushed only
+//! writes a batch's stores as one frame of inserts to this file, syncs it after the segment
+//! files, and only then applies the frame to sled with plain inserts: a process killed in the
+//! middle of those inserts leaves a durable frame to apply again, never a half-stored job that
+//! nothing would repair. sled itself is flushed only
 //! when a batch needs it (state changes, removals, shutdown) or the journal passes
 //! [`JOURNAL_MAX`]; after every sled flush the journal starts again at its beginning.
 //!
@@ -160,11 +162,7 @@ impl Journal {
             if seq <= applied {
                 continue;
             }
-            for (tree, key, value) in puts {
-                let tree = trees.tree(tree).ok_or_else(|| SpoolError::Corrupt(format!("journal tree {tree}")))?;
-                tree.insert(key, value)?;
-            }
-            trees.mark_applied(seq)?;
+            apply_puts(trees, seq, &puts)?;
             last = last.max(seq);
             replayed += 1;
         }
@@ -214,6 +212,24 @@ impl Journal {
 }
 
 type Put<'a> = (u8, &'a [u8], &'a [u8]);
+
+/// Applies the frames in `bytes` (written, and made durable, just before) to sled.
+pub(super) fn apply(trees: &JournalTrees, bytes: &[u8]) -> Result<(), SpoolError> {
+    for frame in frames(bytes) {
+        let (seq, puts) = frame?;
+        apply_puts(trees, seq, &puts)?;
+    }
+    Ok(())
+}
+
+/// A frame's inserts, then its number as applied (the last insert: see the module docs).
+fn apply_puts(trees: &JournalTrees, seq: u64, puts: &[Put<'_>]) -> Result<(), SpoolError> {
+    for (tree, key, value) in puts {
+        let t = trees.tree(*tree).ok_or_else(|| SpoolError::Corrupt(format!("journal tree {tree}")))?;
+        t.insert(*key, *value)?;
+    }
+    trees.mark_applied(seq)
+}
 
 /// The intact frames at the start of `bytes`, each as (seq, inserts); ends at the first
 /// frame cut short, failing its CRC, or numbered no higher than the one before it.

@@ -321,7 +321,9 @@ async fn one_batch_applies_several_messages_and_dedups_across_them() {
     let c = stage(b"other", new_job("incoming", "k2", vec![]));
     let i = &spool.0;
     let mut frame = super::journal::Frame::new(1);
-    let out = super::jobs::apply(&spool.store_trees(), &[&a, &b, &c], &mut frame).unwrap();
+    let out = super::jobs::plan(&spool.store_trees(), &[&a, &b, &c], &mut frame).unwrap();
+    assert_eq!(i.jobs.len(), 0, "planning writes nothing to sled");
+    super::journal::apply(&spool.journal_trees(), &frame.finish()).unwrap();
     let first = stored_id(&out[0][0]);
     assert_eq!(out[1], vec![StoreOutcome::Duplicate { id: first.clone() }]);
     assert!(matches!(&out[2][0], StoreOutcome::Stored { id } if *id != first), "{out:?}");
