@@ -176,7 +176,6 @@ impl Spool {
         // On an error from here on the jobs may be in the trees (the flush failed after the
         // inserts): their blobs stay.
         let outcomes = rx.await.map_err(|_| SpoolError::Closed)??;
-        drop(pending);
         let mut unused: Vec<u64> = Vec::new();
         for (o, k) in outcomes.iter().zip(kept) {
             match o {
@@ -184,6 +183,9 @@ impl Spool {
                 StoreOutcome::Duplicate { .. } => unused.extend(k.full),
             }
         }
+        // Leasable only once counted: a lease before the count would take one from a ready
+        // count of zero (it does not go below) and the count would keep a phantom ready job.
+        drop(pending);
         if outcomes.iter().any(|o| matches!(o, StoreOutcome::Stored { .. })) {
             // One worker, not all: a worker that finds a job wakes the next (delivery/worker.rs).
             self.0.ready.notify_one();
