@@ -8,9 +8,9 @@
 //! store: its outcomes). Requests that arrive during a commit wait for the next one.
 //!
 //! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
-//! `sync_data()` on `<dir>/db`, then the journal started again) when the batch holds a plain commit
-//! request (state changes and removals are not journaled), when a segment is to be deleted, or
-//! when the journal passes its size limit. sled's `flush_async` is never used (concurrent calls
+//! `sync_data()` on `<dir>/db`, then the journal started again) when the batch holds a plain
+//! commit request (state changes and removals are not journaled), when a segment is to be
+//! deleted, or when the journal passes its size limit. sled's `flush_async` is never used (concurrent calls
 //! deadlock on 0.34), and the `sync_data` closes the gap left by sled's `sync_file_range` (no
 //! disk cache flush, no metadata).
 
@@ -91,16 +91,16 @@ impl Committer {
             }
             let seq = self.journal.take_seq();
             let mut frame = Frame::new(seq);
-            let applied = if stores.is_empty() {
+            let planned = if stores.is_empty() {
                 Ok(Vec::new())
             } else {
                 jobs::plan(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>(), &mut frame)
             };
-            let frame = (applied.is_ok() && !frame.is_empty()).then(|| frame.finish());
+            let frame = (planned.is_ok() && !frame.is_empty()).then(|| frame.finish());
             let result = self.flush(frame.as_deref(), sled_too);
             self.flushes.fetch_add(1, Ordering::Relaxed);
-            // A store fails if its inserts or the flush failed.
-            let stored = applied.and_then(|outcomes| result.as_ref().map(|_| outcomes).map_err(duplicate));
+            // A store fails if its plan or the commit failed.
+            let stored = planned.and_then(|outcomes| result.as_ref().map(|_| outcomes).map_err(duplicate));
             if let Err(e) = stored.as_ref().and(result.as_ref()) {
                 tracing::error!(target: "mailgate::spool", error = %e, stores = stores.len(), waiters = waiters.len(),
                     "spool commit failed");

@@ -5,9 +5,9 @@
 //! writes a batch's stores as one frame of inserts to this file, syncs it after the segment
 //! files, and only then applies the frame to sled with plain inserts: a process killed in the
 //! middle of those inserts leaves a durable frame to apply again, never a half-stored job that
-//! nothing would repair. sled itself is flushed only
-//! when a batch needs it (state changes, removals, shutdown) or the journal passes
-//! [`JOURNAL_MAX`]; after every sled flush the journal starts again at its beginning.
+//! nothing would repair. sled itself is flushed only when a batch needs it (state changes,
+//! removals, shutdown) or the journal passes [`JOURNAL_MAX`]; after every sled flush the
+//! journal starts again at its beginning.
 //!
 //! The file is filled with zeros at open ([`PREALLOCATED`]) and then overwritten in place: an
 //! `fdatasync` of blocks that already exist needs no file system metadata (about 65 µs here,
