@@ -10,9 +10,9 @@
 //! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
 //! `sync_data()` on `<dir>/db`, then the journal started again) when the batch holds a plain
 //! commit request (state changes and removals are not journaled), when a segment is to be
-//! deleted, or when the journal passes its size limit. sled's `flush_async` is never used (concurrent calls
-//! deadlock on 0.34), and the `sync_data` closes the gap left by sled's `sync_file_range` (no
-//! disk cache flush, no metadata).
+//! deleted, or when the journal passes its size limit. sled's `flush_async` is never used
+//! (concurrent calls deadlock on 0.34), and the `sync_data` closes the gap left by sled's
+//! `sync_file_range` (no disk cache flush, no metadata).
 
 use std::fs::File;
 use std::sync::Arc;

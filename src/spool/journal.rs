@@ -65,7 +65,7 @@ pub(super) enum TreeId {
     State = 2,
     Refs = 3,
     Dedup = 4,
-    /// Written to the frame only: the session inserted it into sled already.
+    /// Into sled at a replay only: at runtime the session inserted it already.
     Rawloc = 5,
 }
 
@@ -162,7 +162,7 @@ impl Journal {
             if seq <= applied {
                 continue;
             }
-            apply_puts(trees, seq, &puts)?;
+            apply_puts(trees, seq, &puts, true)?;
             last = last.max(seq);
             replayed += 1;
         }
@@ -213,18 +213,23 @@ impl Journal {
 
 type Put<'a> = (u8, &'a [u8], &'a [u8]);
 
-/// Applies the frames in `bytes` (written, and made durable, just before) to sled.
+/// Applies the frames in `bytes` (written, and made durable, just before) to sled. The
+/// messages' locations are left out: the sessions inserted them when they wrote the messages.
 pub(super) fn apply(trees: &JournalTrees, bytes: &[u8]) -> Result<(), SpoolError> {
     for frame in frames(bytes) {
         let (seq, puts) = frame?;
-        apply_puts(trees, seq, &puts)?;
+        apply_puts(trees, seq, &puts, false)?;
     }
     Ok(())
 }
 
-/// A frame's inserts, then its number as applied (the last insert: see the module docs).
-fn apply_puts(trees: &JournalTrees, seq: u64, puts: &[Put<'_>]) -> Result<(), SpoolError> {
+/// A frame's inserts (the locations too when `with_locations`: a replay), then its number as
+/// applied (the last insert: see the module docs).
+fn apply_puts(trees: &JournalTrees, seq: u64, puts: &[Put<'_>], with_locations: bool) -> Result<(), SpoolError> {
     for (tree, key, value) in puts {
+        if *tree == TreeId::Rawloc as u8 && !with_locations {
+            continue;
+        }
         let t = trees.tree(*tree).ok_or_else(|| SpoolError::Corrupt(format!("journal tree {tree}")))?;
         t.insert(*key, *value)?;
     }
