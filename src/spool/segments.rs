@@ -6,10 +6,11 @@
 //! `rawloc` keeps only its location (segment, offset, length, CRC-32).
 //!
 //! Durability: the committer calls [`Segments::sync`] before it writes the batch's journal
-//! frame (or flushes sled), so every segment byte written before a commit request is on disk
-//! before the records that point to it are acknowledged. A record can still reach the disk *without* its bytes if the machine (not just
-//! the process) dies before the commit: such a job was never acknowledged, and [`Segments::open`]
-//! finds it by checking the CRC of every message in the newest segments.
+//! frame (or flushes sled), and the records reach sled only after that frame is synced, so
+//! every segment byte is on disk before a record points to it. Spools written by earlier
+//! versions could hold records without their bytes after a machine crash (such a job was never
+//! acknowledged); [`Segments::open`] finds them by checking the CRC of every message in the
+//! newest segments.
 //!
 //! Space: each segment counts its live messages. A segment that is not the one being written
 //! and has none left is deleted after the next commit (so the removal of its last pointer is
