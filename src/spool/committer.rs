@@ -3,16 +3,17 @@
 //! Writers send a request: a commit of what they inserted, or a message's prepared jobs
 //! (`Store`) whose inserts the committer makes itself. It waits for one request, takes every
 //! request already queued behind it, plans the batch's stores as one journal frame (jobs.rs,
-//! journal.rs), syncs the segment files written since the last commit, appends and syncs the
-//! frame, applies it to sled, and answers every waiter of that batch with the same result (a
-//! store: its outcomes). Requests that arrive during a commit wait for the next one.
+//! journal.rs), syncs the segment files written since the last commit if a message is too big
+//! to travel in the frame, appends and syncs the frame, applies it to sled, and answers every
+//! waiter of that batch with the same result (a store: its outcomes). Requests that arrive
+//! during a commit wait for the next one.
 //!
-//! A batch of stores alone is durable through the journal. sled is flushed (`db.flush()` +
-//! `sync_data()` on `<dir>/db`, then the journal started again) when the batch holds a plain
-//! commit request (state changes and removals are not journaled), when a segment is to be
-//! deleted, or when the journal passes its size limit. sled's `flush_async` is never used
-//! (concurrent calls deadlock on 0.34), and the `sync_data` closes the gap left by sled's
-//! `sync_file_range` (no disk cache flush, no metadata).
+//! A batch of stores alone is durable through the journal. A checkpoint (segments synced,
+//! `db.flush()` + `sync_data()` on `<dir>/db`, then the journal started again) is made when the
+//! batch holds a plain commit request (state changes and removals are not journaled), when a
+//! segment is to be deleted, or when the journal would pass its size limit. sled's
+//! `flush_async` is never used (concurrent calls deadlock on 0.34), and the `sync_data` closes
+//! the gap left by sled's `sync_file_range` (no disk cache flush, no metadata).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -96,8 +97,10 @@ impl Committer {
             } else {
                 jobs::plan(&self.trees, &stores.iter().map(|(s, _)| s).collect::<Vec<_>>(), &mut frame)
             };
+            // A batch whose plan failed writes no frame: none of its stores is acknowledged.
+            let segments_too = frame.segments_unsynced();
             let frame = (planned.is_ok() && !frame.is_empty()).then(|| frame.finish());
-            let result = self.flush(frame.as_deref(), sled_too);
+            let result = self.flush(frame.as_deref(), segments_too, sled_too);
             self.flushes.fetch_add(1, Ordering::Relaxed);
             // A store fails if its plan or the commit failed.
             let stored = planned.and_then(|outcomes| result.as_ref().map(|_| outcomes).map_err(duplicate));
@@ -130,12 +133,16 @@ impl Committer {
 }
 
 impl Committer {
-    /// Segments first (the records about to be made durable point into them), then the
-    /// journal frame, then (when needed, see the module docs) sled; empty segments go only
+    /// The segments when needed (a message not in the frame, or a checkpoint), then the
+    /// journal frame, then for a checkpoint sled (see journal.rs); empty segments go only
     /// once the removal of their last pointer is durable.
-    fn flush(&mut self, frame: Option<&[u8]>, sled_too: bool) -> Result<(), SpoolError> {
+    fn flush(&mut self, frame: Option<&[u8]>, segments_too: bool, sled_too: bool) -> Result<(), SpoolError> {
         let t0 = std::time::Instant::now();
-        let synced = self.segments.sync()?;
+        let frame_len = frame.map_or(0, |f| f.len() as u64);
+        let checkpoint = sled_too || self.journal.len() + frame_len >= JOURNAL_MAX;
+        let synced = if segments_too || checkpoint { Some(self.segments.sync()?) } else { None };
+        // A segment to delete: its last pointer's removal must be durable first.
+        let checkpoint = checkpoint || synced.as_ref().is_some_and(|s| !s.is_empty());
         let t1 = std::time::Instant::now();
         if let Some(frame) = frame {
             self.journal.append(frame)?;
@@ -144,12 +151,15 @@ impl Committer {
             journal::apply(&self.trees.trees, frame)?;
         }
         let t2 = std::time::Instant::now();
-        if sled_too || !synced.is_empty() || self.journal.len() >= JOURNAL_MAX {
+        if checkpoint {
+            self.trees.trees.mark_checkpoint(self.journal.next_seq())?;
             self.db.flush()?;
             self.file.sync_data()?;
             self.journal.reset();
         }
-        self.segments.after_commit(synced);
+        if let Some(synced) = synced {
+            self.segments.after_commit(synced);
+        }
         tracing::debug!(target: "mailgate::commit", segments_us = (t1 - t0).as_micros() as u64,
             journal_us = (t2 - t1).as_micros() as u64, sled_us = t2.elapsed().as_micros() as u64, "commit");
         Ok(())

@@ -16,7 +16,7 @@ use sled::transaction::TransactionError;
 use tokio::sync::oneshot;
 
 use super::committer::Msg;
-use super::journal::{Frame, JournalTrees, TreeId};
+use super::journal::{Frame, INLINE_MAX, JournalTrees, TreeId};
 use super::keys::{dedup_value, id_key, now_ms_precision, ref_key, state_key, unix_ms};
 use super::records::StoredJob;
 use super::segments::{Loc, loc_key};
@@ -60,14 +60,27 @@ pub(super) struct Prepared {
     record: Vec<u8>,
     mailbox: Vec<u8>,
     keys: Vec<Vec<u8>>,
-    /// The full-job blob and where it is, for a record that is only a stub.
-    full: Option<(u64, Loc)>,
+    /// The full-job blob, for a record that is only a stub.
+    full: Option<Blob>,
+}
+
+/// A blob (raw message or full job) written to a segment by the session: its id, where it is,
+/// and its bytes when they are small enough to travel in the journal frame.
+pub(super) struct Blob {
+    pub id: u64,
+    pub loc: Loc,
+    pub inline: Option<Vec<u8>>,
+}
+
+impl Blob {
+    pub fn new(id: u64, loc: Loc, bytes: &[u8]) -> Blob {
+        Blob { id, loc, inline: (bytes.len() <= INLINE_MAX).then(|| bytes.to_vec()) }
+    }
 }
 
 /// One message's jobs, prepared by its session for the committer.
 pub(super) struct Staged {
-    raw_id: u64,
-    raw_loc: Loc,
+    raw: Blob,
     now_ms: u64,
     /// When the dedup entries written for these jobs expire.
     expires: u64,
@@ -93,7 +106,7 @@ pub(super) fn plan(
 ) -> Result<Vec<Vec<StoreOutcome>>, SpoolError> {
     let t = &st.trees;
     let mut all = Vec::with_capacity(batch.len());
-    let mut locs = Vec::new();
+    let mut blobs: Vec<&Blob> = Vec::new();
     // Dedup keys of the jobs planned so far in this batch (not in sled yet).
     let mut planned: HashMap<&[u8], u64> = HashMap::new();
     for staged in batch {
@@ -112,12 +125,12 @@ pub(super) fn plan(
             }
             if !raw_used {
                 raw_used = true;
-                locs.push((staged.raw_id, staged.raw_loc));
+                blobs.push(&staged.raw);
             }
-            locs.extend(p.full);
+            blobs.extend(p.full.as_ref());
             frame.put(TreeId::Jobs, &id_key(p.id), &p.record);
             frame.put(TreeId::State, &state_key(JobState::Ready, p.id), &p.mailbox);
-            frame.put(TreeId::Refs, &ref_key(staged.raw_id, p.id), &[]);
+            frame.put(TreeId::Refs, &ref_key(staged.raw.id, p.id), &[]);
             if st.dedup_on {
                 for key in &p.keys {
                     frame.put(TreeId::Dedup, key, &dedup_value(p.id, staged.expires));
@@ -128,8 +141,9 @@ pub(super) fn plan(
         }
         all.push(out);
     }
-    for (blob, loc) in locs {
-        frame.put(TreeId::Rawloc, &loc_key(blob), &loc.encode());
+    for blob in blobs {
+        frame.put(TreeId::Rawloc, &loc_key(blob.id), &blob.loc.encode());
+        frame.message(&blob.loc, blob.inline.as_deref());
     }
     Ok(all)
 }
@@ -231,7 +245,7 @@ impl Spool {
     ) -> Result<(Staged, Vec<Kept>), SpoolError> {
         let i = &self.0;
         let raw_id = i.db.generate_id()?;
-        let raw_loc = self.write_message(raw_id, raw_msg)?;
+        let raw = Blob::new(raw_id, self.write_message(raw_id, raw_msg)?, raw_msg);
         written.push(raw_id);
         let now = now_ms_precision();
         let now_ms = unix_ms(now);
@@ -256,7 +270,7 @@ impl Spool {
             kept.push(Kept { mailbox: mailbox.clone(), full: record.full });
             prepared.push(Prepared { id, record: record.encode()?, mailbox, keys, full });
         }
-        Ok((Staged { raw_id, raw_loc, now_ms, expires, jobs: prepared }, kept))
+        Ok((Staged { raw, now_ms, expires, jobs: prepared }, kept))
     }
 
     /// Removes blobs no stored job uses (a store's blobs on an error before its inserts, a

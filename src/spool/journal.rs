@@ -1,30 +1,37 @@
-//! The store journal (`<spool>/journal`): what makes a stored message's job records durable.
+//! The store journal (`<spool>/journal`): what makes a stored message durable.
 //!
 //! Why: a sled 0.34 transaction writes sled's log buffer out twice (`pin_log`), and a sled
 //! `flush()` once more; per group commit that was a quarter of intake's CPU. Now the committer
-//! writes a batch's stores as one frame of inserts to this file, syncs it after the segment
-//! files, and only then applies the frame to sled with plain inserts: a process killed in the
-//! middle of those inserts leaves a durable frame to apply again, never a half-stored job that
-//! nothing would repair. sled itself is flushed only when a batch needs it (state changes,
-//! removals, shutdown) or the journal passes [`JOURNAL_MAX`]; after every sled flush the
-//! journal starts again at its beginning.
+//! writes a batch's stores as one frame of inserts to this file, syncs it, and only then
+//! applies the frame to sled with plain inserts: a process killed in the middle of those
+//! inserts leaves a durable frame to apply again, never a half-stored job that nothing would
+//! repair. A message of at most [`INLINE_MAX`] bytes (and a full-job blob as small) goes into
+//! the frame too, so a commit of such messages syncs this one file: the segment files are
+//! synced at the next checkpoint. A bigger message makes the commit sync the segments first.
 //!
-//! The file is filled with zeros at open ([`PREALLOCATED`]) and then overwritten in place: an
+//! Checkpoint: when a batch carries a state change or removal, a segment is to be deleted, the
+//! journal would pass [`JOURNAL_MAX`], or at shutdown, the committer syncs the segments,
+//! records the next frame's number under [`CHECKPOINT_KEY`], flushes sled, and starts the
+//! journal again at its beginning. Frames are written over the old ones in place: an
 //! `fdatasync` of blocks that already exist needs no file system metadata (about 65 µs here,
-//! against about 100 µs for an append).
+//! against about 100 µs for an append). The file grows, with zeros, a MiB at a time.
 //!
-//! Recovery: the last insert of every applied frame is its sequence number under
-//! [`APPLIED_KEY`] in sled's default tree. sled recovers a prefix of its log, so when that key
-//! survived with sequence `n`, every insert of frames up to `n` survived too. At open every
-//! intact frame after `n` is applied again (its inserts are plain puts: applying one twice
-//! changes nothing), sled is flushed and the file zeroed. A frame cut short or failing its
-//! CRC ends the replay: it was being written when the process died and none of its messages
-//! had a 250. So do zeros and a frame whose number is not above the one before it: what
-//! follows the newest frames is what earlier rounds left, all of it in sled already.
+//! Recovery: the last insert of every applied frame is its number under [`APPLIED_KEY`] in
+//! sled's default tree. sled recovers a prefix of its log, so when that key survived with `n`,
+//! every insert of frames up to `n` survived too. At open, every intact frame from the
+//! checkpoint on writes its messages back to their segments (a machine crash may have taken
+//! the unsynced segment bytes), and every frame after `n` is applied to sled again (plain puts:
+//! applying one twice changes nothing). Then sled is flushed and a new checkpoint recorded. A
+//! frame cut short or failing its CRC ends the replay (the process died writing it, before any
+//! of its messages had a 250), and so do zeros and a frame numbered no higher than the one
+//! before it: what follows the newest frames is what earlier rounds left, all of it
+//! checkpointed.
 //!
 //! Frame: `len: u32 | crc32(payload): u32 | payload`; payload: `seq: u64 | count: u32` and
-//! `count` times `tree: u8 | key_len: u32 | key | value_len: u32 | value` (big-endian).
+//! `count` times `kind: u8 | key_len: u32 | key | value_len: u32 | value` (big-endian). Kinds
+//! 1-5 are sled trees ([`TreeId`]); kind 6 is a message: key its location, value its bytes.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -32,18 +39,27 @@ use std::path::Path;
 use sled::Tree;
 
 use super::SpoolError;
+use super::segments::{Loc, seg_path};
 
-/// sled is flushed and the journal started again once it holds this much.
-pub(super) const JOURNAL_MAX: u64 = 4 << 20;
+/// A checkpoint is made once the journal holds this much.
+pub(super) const JOURNAL_MAX: u64 = 8 << 20;
 
-/// The journal's size in zeros after open: room for [`JOURNAL_MAX`] and the frame that passes
-/// it (a bigger frame makes the file grow).
-const PREALLOCATED: u64 = JOURNAL_MAX + (1 << 20);
+/// Messages (and full-job blobs) up to this size travel in the frame.
+pub(super) const INLINE_MAX: usize = 64 << 10;
+
+/// The file grows by this much, with zeros, when a frame would pass its end.
+const GROW: u64 = 1 << 20;
 
 /// Key in sled's default tree: the sequence number of the last frame applied to sled.
 pub(super) const APPLIED_KEY: &[u8] = b"journal-applied";
 
+/// Key in sled's default tree: the first frame number after the last checkpoint.
+pub(super) const CHECKPOINT_KEY: &[u8] = b"journal-checkpoint";
+
 const HEADER: usize = 8;
+
+/// The frame kind of a message's bytes.
+const SEGMENT_BYTES: u8 = 6;
 
 /// The trees a frame writes to, by their number in the frame.
 #[derive(Clone)]
@@ -53,7 +69,7 @@ pub(super) struct JournalTrees {
     pub refs: Tree,
     pub dedup: Tree,
     pub rawloc: Tree,
-    /// sled's default tree, for [`APPLIED_KEY`].
+    /// sled's default tree, for [`APPLIED_KEY`] and [`CHECKPOINT_KEY`].
     pub meta: Tree,
 }
 
@@ -81,9 +97,8 @@ impl JournalTrees {
         })
     }
 
-    /// The sequence number of the last frame applied (0: none).
-    pub fn applied(&self) -> Result<u64, SpoolError> {
-        match self.meta.get(APPLIED_KEY)? {
+    fn number(&self, key: &[u8]) -> Result<u64, SpoolError> {
+        match self.meta.get(key)? {
             None => Ok(0),
             Some(v) => v
                 .as_ref()
@@ -93,9 +108,21 @@ impl JournalTrees {
         }
     }
 
+    /// The sequence number of the last frame applied (0: none).
+    pub fn applied(&self) -> Result<u64, SpoolError> {
+        self.number(APPLIED_KEY)
+    }
+
     /// Records that the frame `seq` is applied: the last insert of every frame.
     pub fn mark_applied(&self, seq: u64) -> Result<(), SpoolError> {
         self.meta.insert(APPLIED_KEY, &seq.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Records a checkpoint before the sled flush that makes it: frames from `next` on are
+    /// the ones whose messages may still need writing back.
+    pub fn mark_checkpoint(&self, next: u64) -> Result<(), SpoolError> {
+        self.meta.insert(CHECKPOINT_KEY, &next.to_be_bytes()[..])?;
         Ok(())
     }
 }
@@ -104,6 +131,8 @@ impl JournalTrees {
 pub(super) struct Frame {
     buf: Vec<u8>,
     count: u32,
+    /// A message of this batch is not in the frame: the commit must sync the segments.
+    segments_unsynced: bool,
 }
 
 impl Frame {
@@ -112,11 +141,15 @@ impl Frame {
         buf.extend_from_slice(&[0u8; HEADER]);
         buf.extend_from_slice(&seq.to_be_bytes());
         buf.extend_from_slice(&0u32.to_be_bytes());
-        Frame { buf, count: 0 }
+        Frame { buf, count: 0, segments_unsynced: false }
     }
 
     pub fn put(&mut self, tree: TreeId, key: &[u8], value: &[u8]) {
-        self.buf.push(tree as u8);
+        self.entry(tree as u8, key, value);
+    }
+
+    fn entry(&mut self, kind: u8, key: &[u8], value: &[u8]) {
+        self.buf.push(kind);
         for part in [key, value] {
             self.buf.extend_from_slice(&(part.len() as u32).to_be_bytes());
             self.buf.extend_from_slice(part);
@@ -124,8 +157,21 @@ impl Frame {
         self.count += 1;
     }
 
+    /// A stored message (or full-job blob) at `loc`: its bytes go into the frame when they
+    /// were kept for it, else the commit syncs the segments.
+    pub fn message(&mut self, loc: &Loc, bytes: Option<&[u8]>) {
+        match bytes {
+            Some(b) => self.entry(SEGMENT_BYTES, &loc.encode(), b),
+            None => self.segments_unsynced = true,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    pub fn segments_unsynced(&self) -> bool {
+        self.segments_unsynced
     }
 
     /// The frame's bytes, header filled in.
@@ -144,40 +190,52 @@ impl Frame {
 pub(super) struct Journal {
     file: File,
     len: u64,
+    /// The file's size: blocks up to here exist.
+    size: u64,
     next_seq: u64,
 }
 
 impl Journal {
-    /// Opens `<dir>/journal`, applies the frames sled lacks (see the module docs), flushes
-    /// sled and empties the file. Returns the journal and how many frames were applied.
+    /// Opens `<dir>/journal` and recovers from it (see the module docs): messages back to
+    /// their segments, inserts sled lacks back to sled, then a checkpoint. Returns the journal
+    /// and how many frames were applied to sled.
     pub fn open(dir: &Path, db: &sled::Db, trees: &JournalTrees) -> Result<(Journal, usize), SpoolError> {
         let path = dir.join("journal");
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         let bytes = std::fs::read(&path)?;
-        let applied = trees.applied()?;
+        let checkpoint = trees.number(CHECKPOINT_KEY)?;
+        // Every frame before the checkpoint is in sled: the checkpoint's flush covered it (a
+        // frame whose apply failed had its senders told to try again).
+        let applied = trees.applied()?.max(checkpoint.saturating_sub(1));
         let mut replayed = 0;
         let mut last = applied;
+        let mut segments: HashMap<u32, File> = HashMap::new();
         for frame in frames(&bytes) {
             let (seq, puts) = frame?;
+            last = last.max(seq);
+            if seq >= checkpoint {
+                for (_, key, value) in puts.iter().filter(|(kind, _, _)| *kind == SEGMENT_BYTES) {
+                    write_back(dir, &mut segments, key, value)?;
+                }
+            }
             if seq <= applied {
                 continue;
             }
             apply_puts(trees, seq, &puts, true)?;
-            last = last.max(seq);
             replayed += 1;
         }
-        db.flush()?;
-        // Everything in the file is in sled now: zeros over all of it (fresh extents for the
-        // overwrites to come, and no frame left to read again).
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < PREALLOCATED.max(bytes.len() as u64) {
-            file.write_all_at(&zeros, at)?;
-            at += zeros.len() as u64;
+        for f in segments.values() {
+            f.sync_data()?;
         }
+        if !segments.is_empty() {
+            File::open(dir.join("segments"))?.sync_all()?;
+        }
+        let next_seq = last.saturating_add(1).max(checkpoint);
+        trees.mark_checkpoint(next_seq)?;
+        db.flush()?;
         file.sync_all()?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok((Journal { file, len: 0, next_seq: last.saturating_add(1) }, replayed))
+        File::open(dir)?.sync_all()?;
+        Ok((Journal { file, len: 0, size: bytes.len() as u64, next_seq }, replayed))
     }
 
     /// A sequence number for the next frame. Every batch takes its own, used or not: a
@@ -188,6 +246,11 @@ impl Journal {
         seq
     }
 
+    /// The number the next frame will take.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Bytes written since the last [`Journal::reset`].
     pub fn len(&self) -> u64 {
         self.len
@@ -195,20 +258,51 @@ impl Journal {
 
     /// Appends a finished frame and makes it durable.
     pub fn append(&mut self, frame: &[u8]) -> Result<(), SpoolError> {
+        let end = self.len + frame.len() as u64;
+        if end > self.size {
+            // Zeros first, so that the blocks exist for the overwrites to come; synced with
+            // the frame.
+            let size = end.div_ceil(GROW) * GROW;
+            let zeros = vec![0u8; (size - self.size) as usize];
+            self.file.write_all_at(&zeros, self.size)?;
+            self.size = size;
+        }
         if let Err(e) = self.file.write_all_at(frame, self.len).and_then(|_| self.file.sync_data()) {
             // What was written may be a torn frame: the next frame goes over it, and until
             // then a replay stops there (nothing after it had its 250).
             return Err(e.into());
         }
-        self.len += frame.len() as u64;
+        self.len = end;
         Ok(())
     }
 
-    /// Starts the journal again at its beginning: call only after a sled flush that covers
+    /// Starts the journal again at its beginning: call only after a checkpoint that covers
     /// every frame in it. What it held is overwritten by the frames to come.
     pub fn reset(&mut self) {
         self.len = 0;
     }
+}
+
+/// Writes a message from a frame back to its segment (creating the file if it is gone).
+fn write_back(dir: &Path, files: &mut HashMap<u32, File>, key: &[u8], bytes: &[u8]) -> Result<(), SpoolError> {
+    let loc = Loc::decode(key)?;
+    if loc.len != bytes.len() as u64 || crc32fast::hash(bytes) != loc.crc {
+        return Err(SpoolError::Corrupt(format!(
+            "journal: the message for segment {} at {} fails its CRC",
+            loc.seg, loc.off
+        )));
+    }
+    let file = match files.entry(loc.seg) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            std::fs::create_dir_all(dir.join("segments"))?;
+            e.insert(
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).open(seg_path(dir, loc.seg))?,
+            )
+        }
+    };
+    file.write_all_at(bytes, loc.off)?;
+    Ok(())
 }
 
 type Put<'a> = (u8, &'a [u8], &'a [u8]);
@@ -223,11 +317,11 @@ pub(super) fn apply(trees: &JournalTrees, bytes: &[u8]) -> Result<(), SpoolError
     Ok(())
 }
 
-/// A frame's inserts (the locations too when `with_locations`: a replay), then its number as
-/// applied (the last insert: see the module docs).
+/// A frame's inserts into sled (the locations too when `with_locations`: a replay; never the
+/// message bytes), then its number as applied (the last insert: see the module docs).
 fn apply_puts(trees: &JournalTrees, seq: u64, puts: &[Put<'_>], with_locations: bool) -> Result<(), SpoolError> {
     for (tree, key, value) in puts {
-        if *tree == TreeId::Rawloc as u8 && !with_locations {
+        if *tree == SEGMENT_BYTES || (*tree == TreeId::Rawloc as u8 && !with_locations) {
             continue;
         }
         let t = trees.tree(*tree).ok_or_else(|| SpoolError::Corrupt(format!("journal tree {tree}")))?;

@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::Blob;
 use super::keys::RECORD_INLINE_MAX;
-use super::segments::Loc;
 use super::{Spool, SpoolError};
 use crate::job::{AuthResults, Envelope, Job, MessageInfo};
 
@@ -30,14 +30,14 @@ pub(super) struct StoredJob {
 impl StoredJob {
     /// Builds the record of a new job; writes the full-job blob when needed (and returns it
     /// with its place).
-    pub fn build(spool: &Spool, raw_id: u64, job: Job) -> Result<(StoredJob, Option<(u64, Loc)>), SpoolError> {
+    pub fn build(spool: &Spool, raw_id: u64, job: Job) -> Result<(StoredJob, Option<Blob>), SpoolError> {
         let json = serde_json::to_vec(&job).map_err(|e| SpoolError::Corrupt(format!("job serialization: {e}")))?;
         if json.len() <= RECORD_INLINE_MAX {
             return Ok((StoredJob { raw_id, full: None, push: false, job }, None));
         }
         let blob = spool.0.db.generate_id()?;
         let loc = spool.write_message(blob, &json)?;
-        Ok((StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) }, Some((blob, loc))))
+        Ok((StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) }, Some(Blob::new(blob, loc, &json))))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<StoredJob, SpoolError> {

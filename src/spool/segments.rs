@@ -5,12 +5,14 @@
 //! written once, with `pwrite` at an offset reserved under a short lock, and the sled tree
 //! `rawloc` keeps only its location (segment, offset, length, CRC-32).
 //!
-//! Durability: the committer calls [`Segments::sync`] before it writes the batch's journal
-//! frame (or flushes sled), and the records reach sled only after that frame is synced, so
-//! every segment byte is on disk before a record points to it. Spools written by earlier
-//! versions could hold records without their bytes after a machine crash (such a job was never
-//! acknowledged); [`Segments::open`] finds them by checking the CRC of every message in the
-//! newest segments.
+//! Durability: a message of at most 64 KiB also travels in its batch's journal frame, and the
+//! journal writes it back at open if a machine crash took it from the segment (journal.rs);
+//! every checkpoint syncs the segments before sled's flush. For a bigger message the committer
+//! calls [`Segments::sync`] before it writes the frame. The records reach sled only after that
+//! frame is synced, so every segment byte is on disk, here or in the journal, before a record
+//! points to it. Spools written by earlier versions could hold records without their bytes
+//! after a machine crash (such a job was never acknowledged); [`Segments::open`] finds them by
+//! checking the CRC of every message in the newest segments.
 //!
 //! Space: each segment counts its live messages. A segment that is not the one being written
 //! and has none left is deleted after the next commit (so the removal of its last pointer is
@@ -101,6 +103,11 @@ impl Synced {
 
 fn seg_name(seg: u32) -> String {
     format!("{seg:08x}.seg")
+}
+
+/// The file of segment `seg` in the spool directory `spool_dir`.
+pub(super) fn seg_path(spool_dir: &Path, seg: u32) -> PathBuf {
+    spool_dir.join("segments").join(seg_name(seg))
 }
 
 impl Segments {
