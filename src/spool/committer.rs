@@ -159,6 +159,9 @@ impl Committer {
         }
         if let Some(synced) = synced {
             self.segments.after_commit(synced);
+        } else {
+            // The segments' bytes wait for the next checkpoint: start them on their way now.
+            self.segments.start_writeback();
         }
         tracing::debug!(target: "mailgate::commit", segments_us = (t1 - t0).as_micros() as u64,
             journal_us = (t2 - t1).as_micros() as u64, sled_us = t2.elapsed().as_micros() as u64, "commit");

@@ -161,3 +161,20 @@ async fn purged_messages_free_their_segment_and_old_spools_still_read() {
     assert_eq!(seg_files(dir.path()), ["00000002.seg"], "the emptied segment is deleted at the next open");
     assert_eq!(spool.segment_count(), 1);
 }
+
+#[test]
+fn writeback_starts_once_a_step_has_piled_up_and_each_byte_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, t) = rawloc(dir.path());
+    let (segs, _) = Segments::open(dir.path(), &t, 64 << 20).unwrap();
+    let chunk = vec![b'w'; 300 << 10];
+    for _ in 0..3 {
+        segs.append(&chunk).unwrap();
+    }
+    assert_eq!(segs.start_writeback(), 0, "900 KiB: under the step");
+    segs.append(&chunk).unwrap();
+    assert_eq!(segs.start_writeback(), 1200 << 10, "everything not started before");
+    assert_eq!(segs.start_writeback(), 0, "nothing new");
+    let loc = segs.append(&chunk).unwrap();
+    assert_eq!(segs.read(&loc).unwrap(), chunk, "the hint changes no bytes");
+}
