@@ -91,7 +91,9 @@ impl Committer {
                 }
             }
             let seq = self.journal.take_seq();
-            let mut frame = Frame::new(seq);
+            // A batch with a state change or removal is a checkpoint, which syncs the segments:
+            // its messages need not be written to the journal too.
+            let mut frame = if sled_too { Frame::new(seq).without_messages() } else { Frame::new(seq) };
             let planned = if stores.is_empty() {
                 Ok(Vec::new())
             } else {

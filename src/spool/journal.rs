@@ -133,6 +133,8 @@ pub(super) struct Frame {
     count: u32,
     /// A message of this batch is not in the frame: the commit must sync the segments.
     segments_unsynced: bool,
+    /// Messages may travel in the frame (not in a batch that checkpoints anyway).
+    carries_messages: bool,
 }
 
 impl Frame {
@@ -141,7 +143,14 @@ impl Frame {
         buf.extend_from_slice(&[0u8; HEADER]);
         buf.extend_from_slice(&seq.to_be_bytes());
         buf.extend_from_slice(&0u32.to_be_bytes());
-        Frame { buf, count: 0, segments_unsynced: false }
+        Frame { buf, count: 0, segments_unsynced: false, carries_messages: true }
+    }
+
+    /// A frame for a batch that syncs the segments anyway (a checkpoint): its messages stay
+    /// out of it, written once.
+    pub fn without_messages(mut self) -> Frame {
+        self.carries_messages = false;
+        self
     }
 
     pub fn put(&mut self, tree: TreeId, key: &[u8], value: &[u8]) {
@@ -161,8 +170,8 @@ impl Frame {
     /// were kept for it, else the commit syncs the segments.
     pub fn message(&mut self, loc: &Loc, bytes: Option<&[u8]>) {
         match bytes {
-            Some(b) => self.entry(SEGMENT_BYTES, &loc.encode(), b),
-            None => self.segments_unsynced = true,
+            Some(b) if self.carries_messages => self.entry(SEGMENT_BYTES, &loc.encode(), b),
+            _ => self.segments_unsynced = true,
         }
     }
 

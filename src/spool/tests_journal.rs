@@ -184,3 +184,20 @@ async fn a_message_too_big_for_the_frame_is_synced_in_its_segment_instead() {
     assert_eq!(spool.raw(&id).unwrap().unwrap(), big);
     spool.close().await.unwrap();
 }
+
+#[test]
+fn a_checkpointing_batch_leaves_its_messages_out_of_the_frame() {
+    let loc = super::segments::Loc { seg: 1, off: 0, len: 5, crc: crc32fast::hash(b"hello") };
+    let mut small = Frame::new(1);
+    small.message(&loc, Some(b"hello"));
+    assert!(!small.segments_unsynced());
+    let mut checkpoint = Frame::new(2).without_messages();
+    checkpoint.message(&loc, Some(b"hello"));
+    assert!(checkpoint.segments_unsynced(), "the commit syncs the segments instead");
+    let kinds = |f: Frame| -> Vec<u8> {
+        let bytes = f.finish();
+        frames(&bytes).flat_map(|f| f.unwrap().1.into_iter().map(|(kind, _, _)| kind).collect::<Vec<_>>()).collect()
+    };
+    assert_eq!(kinds(small), [6]);
+    assert!(kinds(checkpoint).is_empty());
+}
