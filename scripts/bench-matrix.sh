@@ -333,14 +333,14 @@ In every cell the four servers get the same two loads, one after the other on th
 the same smtp-source command (msg/s: its messages divided by its run time; every message is one
 session's next MAIL/RCPT/DATA, no pipelining) and the same examples/loadgen.rs command (p50/p99: the time from
 the end of DATA to the 250; pipelined MAIL/RCPT/DATA; Ed25519 DKIM-signed mail from \`$LG_FROM\`; its own
-msg/s counts the time it spends building and signing the messages too, so smtp-source's column is the rate).
+msg/s leaves out building and signing the messages, done before its clock starts).
 
 $table
 
 - Servers: **smtp-sink** replies 250 without storing anything (the ceiling). **Postfix → \`discard:\`** is a
   private Postfix (root, \`postfix -c DIR start-fg\`, scripts/lib-postfix.sh) whose transport sends $DOMAIN to
   \`discard:\`: it replies 250 only after cleanup has written and fsynced the queue file, then discards it
-  (the durable MTA peer). **mailgate** replies 250 after its sled group commit (fdatasync). **auth on**:
+  (the durable MTA peer). **mailgate** replies 250 after its group commit (journal fdatasync). **auth on**:
   SPF+DKIM+DMARC with the default policies against examples/benchdns.rs on loopback (records cached after the
   first message). smtp-source cannot DKIM-sign and sends from \`a@example.org\`, which has no records (NXDOMAIN):
   its auth-on rate measures the SPF and DMARC lookups and evaluation, not DKIM verification; loadgen's mail is

@@ -41,7 +41,7 @@ sink_rates=()
 for _ in $(seq 1 "$RUNS"); do sink_rates+=("$(run_source "$sink_port")"); done
 kill "${pids[-1]}" 2>/dev/null || true
 
-# --- mailgate: durable (sled group commit + fsync before every 250) ---
+# --- mailgate: durable (group commit + journal fdatasync before every 250) ---
 mg_rates=(); lg_json=()
 peak_rss=0
 for run in $(seq 1 "$RUNS"); do
@@ -117,7 +117,7 @@ machine=$(machine_desc)
   echo "| server | storage | msg/s (smtp-source) | ratio to smtp-sink |"
   echo "|---|---|---|---|"
   echo "| Postfix smtp-sink | none (discards) | $sink_med | 1.00 |"
-  echo "| mailgate serve | durable: sled group commit + fdatasync before every 250 | $mg_med | $ratio |"
+  echo "| mailgate serve | durable: group commit + journal fdatasync before every 250 | $mg_med | $ratio |"
   echo
   echo "End-of-DATA to 250 latency (examples/loadgen.rs, same load, pipelined MAIL/RCPT/DATA):"
   echo
