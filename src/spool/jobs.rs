@@ -73,6 +73,9 @@ pub(super) struct Blob {
 }
 
 impl Blob {
+    /// Keeps a copy of a small blob's bytes: the staged store outlives the session's buffer
+    /// on its way to the committer, and one copy of a few KiB is the price of leaving out a
+    /// second `fdatasync`.
     pub fn new(id: u64, loc: Loc, bytes: &[u8]) -> Blob {
         Blob { id, loc, inline: (bytes.len() <= INLINE_MAX).then(|| bytes.to_vec()) }
     }

@@ -234,7 +234,7 @@ impl Segments {
     pub fn start_writeback(&self) -> u64 {
         let Ok(mut st) = self.lock() else { return 0 };
         let (from, to) = (st.kicked, st.active_len);
-        if to - from < WRITEBACK_STEP {
+        if to.saturating_sub(from) < WRITEBACK_STEP {
             return 0;
         }
         let Some(file) = st.files.get(&st.active).cloned() else { return 0 };

@@ -46,6 +46,25 @@ pub(super) fn options() -> SpoolOptions {
     }
 }
 
+/// Opens the spool again after a close. sled's I/O threads may hold its lock a few
+/// milliseconds after the last handle is gone (a new process never waits: the old one's exit
+/// released it).
+pub(super) fn reopen(dir: &Path) -> Spool {
+    reopen_with(dir, options())
+}
+
+pub(super) fn reopen_with(dir: &Path, opts: SpoolOptions) -> Spool {
+    let t0 = std::time::Instant::now();
+    loop {
+        match Spool::open(dir, opts.clone()) {
+            Err(SpoolError::Locked(_)) if t0.elapsed().as_secs() < 5 => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 pub(super) fn stored_id(o: &StoreOutcome) -> String {
     match o {
         StoreOutcome::Stored { id } => id.clone(),
@@ -287,7 +306,7 @@ async fn reopen_keeps_everything_and_the_lock_is_exclusive() {
         assert!(matches!(spool.store(b"x", vec![new_job("a", "b", vec![])]).await, Err(SpoolError::Closed)));
         assert!(matches!(spool.commit().await, Err(SpoolError::Closed)));
     }
-    let spool = Spool::open(dir.path(), options()).unwrap();
+    let spool = reopen(dir.path());
     let ja = spool.get(&a).unwrap().unwrap();
     assert_eq!((ja.state, ja.attempts), (JobState::Leased, 1));
     assert_eq!(spool.raw(&a).unwrap().unwrap(), raw);

@@ -7,8 +7,9 @@ use time::OffsetDateTime;
 use super::tests::{new_job, options, stored_id};
 use super::*;
 
+/// Opens (or, after a close, opens again) with this retention.
 fn open(dir: &Path, retention: Duration) -> Spool {
-    Spool::open(dir, SpoolOptions { retention, ..options() }).unwrap()
+    super::tests::reopen_with(dir, SpoolOptions { retention, ..options() })
 }
 
 #[tokio::test]

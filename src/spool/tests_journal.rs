@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::journal::{Frame, TreeId, frames};
-use super::tests::{new_job, options, stored_id};
+use super::tests::{new_job, options, reopen, stored_id};
 use super::*;
 
 /// Copies a spool directory as it is on disk now: what a kill -9 would leave.
@@ -16,20 +16,6 @@ fn copy_dir(from: &Path, to: &Path) {
             copy_dir(&entry.path(), &target);
         } else {
             std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// Opens the spool again. sled's I/O threads may hold its lock a few milliseconds after the
-/// last handle is gone (a new process never waits: the old one's exit released it).
-fn reopen(dir: &Path) -> Spool {
-    let t0 = std::time::Instant::now();
-    loop {
-        match Spool::open(dir, options()) {
-            Err(SpoolError::Locked(_)) if t0.elapsed().as_secs() < 5 => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            other => return other.unwrap(),
         }
     }
 }

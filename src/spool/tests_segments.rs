@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::segments::{Loc, Segments};
-use super::tests::{new_job, options, stored_id};
+use super::tests::{new_job, options, reopen, stored_id};
 use super::*;
 
 fn seg_files(spool_dir: &Path) -> Vec<String> {
@@ -106,7 +106,7 @@ async fn a_job_whose_message_a_crash_took_is_removed_with_its_dedup_entries() {
     let f = std::fs::OpenOptions::new().write(true).open(dir.path().join("segments/00000001.seg")).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; loc.len as usize], loc.off).unwrap();
 
-    let spool = Spool::open(dir.path(), options()).unwrap();
+    let spool = reopen(dir.path());
     assert!(spool.get(&lost).unwrap().is_none(), "the job without its message is gone");
     assert_eq!(spool.raw(&keep).unwrap().unwrap(), b"first message");
     assert_eq!(spool.stats().unwrap().ready, 1);
@@ -132,12 +132,12 @@ async fn a_job_whose_full_record_a_crash_took_is_removed_and_its_message_freed()
     drop(spool);
     let f = std::fs::OpenOptions::new().write(true).open(dir.path().join("segments/00000001.seg")).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", loc.off + 10).unwrap();
-    let spool = Spool::open(dir.path(), options()).unwrap();
+    let spool = reopen(dir.path());
     assert!(spool.get(&id).unwrap().is_none());
     assert_eq!((spool.0.jobs.len(), spool.0.rawloc.len(), spool.0.refs.len(), spool.0.dedup.len()), (0, 0, 0, 0));
     spool.close().await.unwrap();
     drop(spool);
-    let _spool = Spool::open(dir.path(), options()).unwrap();
+    let _spool = reopen(dir.path());
     assert_eq!(seg_files(dir.path()), ["00000003.seg"], "segments 1 and 2 held nothing live");
 }
 
@@ -157,7 +157,7 @@ async fn purged_messages_free_their_segment_and_old_spools_still_read() {
     spool.close().await.unwrap();
     drop(spool);
     assert_eq!(seg_files(dir.path()), ["00000001.seg"]);
-    let spool = Spool::open(dir.path(), options()).unwrap();
+    let spool = reopen(dir.path());
     assert_eq!(seg_files(dir.path()), ["00000002.seg"], "the emptied segment is deleted at the next open");
     assert_eq!(spool.segment_count(), 1);
 }
