@@ -79,6 +79,12 @@ impl Blob {
     pub fn new(id: u64, loc: Loc, bytes: &[u8]) -> Blob {
         Blob { id, loc, inline: (bytes.len() <= INLINE_MAX).then(|| bytes.to_vec()) }
     }
+
+    /// The same for bytes the caller owns and no longer needs (a full-job record): moved, not
+    /// copied.
+    pub fn owned(id: u64, loc: Loc, bytes: Vec<u8>) -> Blob {
+        Blob { id, loc, inline: (bytes.len() <= INLINE_MAX).then_some(bytes) }
+    }
 }
 
 /// One message's jobs, prepared by its session for the committer.

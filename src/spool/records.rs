@@ -37,7 +37,7 @@ impl StoredJob {
         }
         let blob = spool.0.db.generate_id()?;
         let loc = spool.write_message(blob, &json)?;
-        Ok((StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) }, Some(Blob::new(blob, loc, &json))))
+        Ok((StoredJob { raw_id, full: Some(blob), push: false, job: stub(job) }, Some(Blob::owned(blob, loc, json))))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<StoredJob, SpoolError> {
