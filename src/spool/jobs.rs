@@ -136,10 +136,14 @@ pub(super) fn plan(
                 raw_used = true;
                 blobs.push(&staged.raw);
             }
-            blobs.extend(p.full.as_ref());
             frame.put(TreeId::Jobs, &id_key(p.id), &p.record);
             frame.put(TreeId::State, &state_key(JobState::Ready, p.id), &p.mailbox);
             frame.put(TreeId::Refs, &ref_key(staged.raw.id, p.id), &[]);
+            if let Some(full) = &p.full {
+                // Every blob a job uses has a reference: the sweep at open (sweep.rs) relies on it.
+                frame.put(TreeId::Refs, &ref_key(full.id, p.id), &[]);
+                blobs.push(full);
+            }
             if st.dedup_on {
                 for key in &p.keys {
                     frame.put(TreeId::Dedup, key, &dedup_value(p.id, staged.expires));

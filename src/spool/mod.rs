@@ -5,15 +5,15 @@
 //! retry have their own tag), `leases` (timers: when ms + id, for lease ends, retry waits and
 //! purges), `rawloc` (raw message blob id -> its place in a segment file, see `segments.rs`),
 //! `raw` (blob id + chunk index -> at most 4 KiB: raw messages and full records of big jobs
-//! from spools written before segment files; read and removed, never written), `refs` (raw
-//! blob id + job id: who uses a raw message), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
+//! from spools written before segment files; read and removed, never written), `refs` (blob
+//! id + job id: which jobs use a raw message, and which one a full-job blob), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
 //! entry JSON). A change of a job's state moves its record, state index entry and timer in one
 //! transaction; a store's inserts are made durable by the journal (`journal.rs`), which is
 //! replayed at open.
 //!
 //! Files: `committer.rs` (group commit), `journal.rs` (the store journal), `segments.rs` (raw
 //! messages in segment files),
-//! `recover.rs` (jobs whose message a machine crash took), `jobs.rs` (store), `transitions.rs` (state changes,
+//! `recover.rs` (jobs whose message a machine crash took), `sweep.rs` (blobs no job uses), `jobs.rs` (store), `transitions.rs` (state changes,
 //! leases), `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup
 //! lookups and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record),
 //! `keys.rs` (encodings, dedup key builders).
@@ -32,6 +32,7 @@ mod records;
 mod recover;
 mod rejects;
 mod segments;
+mod sweep;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -42,6 +43,8 @@ mod tests_journal;
 mod tests_queue;
 #[cfg(test)]
 mod tests_segments;
+#[cfg(test)]
+mod tests_sweep;
 mod timers;
 mod transitions;
 
@@ -263,6 +266,14 @@ impl Spool {
         if replayed > 0 {
             tracing::info!(target: "mailgate::spool", batches = replayed,
                 "restored stored messages from the journal that sled had not written before the last stop");
+        }
+        // Before the segments count their live messages: a segment only orphans use is deleted.
+        let swept = sweep::sweep(&sweep::Trees { jobs: &jobs, refs: &refs, rawloc: &rawloc })?;
+        if swept.removed > 0 || swept.adopted > 0 {
+            tracing::info!(target: "mailgate::spool", removed = swept.removed, adopted = swept.adopted,
+                "removed stored blobs no job uses (a crash came between writing a blob and its commit, or during a purge)");
+            db.flush()?;
+            file.sync_data()?;
         }
         let (segments, damaged) = segments::Segments::open(dir, &rawloc, segments::SEGMENT_MAX)?;
         if !damaged.is_empty() {

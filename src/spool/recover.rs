@@ -53,7 +53,10 @@ pub(super) fn discard(t: &Trees<'_>, damaged: &[u64]) -> Result<Discarded, Spool
         t.state.remove(tagged_key(index_tag(&record.job), id))?;
         t.refs.remove(ref_key(record.raw_id, id))?;
         raw_ids.insert(record.raw_id);
-        unused.extend(record.full);
+        if let Some(full) = record.full {
+            t.refs.remove(ref_key(full, id))?;
+            unused.push(full);
+        }
         out.jobs.push((id, record.job.message.message_id));
     }
     // (a stale timer of a removed job is dropped by the reaper, which finds no record)

@@ -83,13 +83,17 @@ impl Spool {
                 jobs.remove(&id_key(id)[..])?;
                 state.remove(&state_key(JobState::Done, id)[..])?;
                 refs.remove(&ref_key(record.raw_id, id)[..])?;
+                if let Some(full) = record.full {
+                    refs.remove(&ref_key(full, id)[..])?;
+                }
                 Ok(Some(record))
             })
             .map_err(tx_error)?;
         let Some(record) = removed else { return Ok(false) };
         self.count(record.job.mailbox.as_bytes(), Some(JobState::Done.tag()), None);
-        // Blobs go after the records that point to them: a crash in between leaves unreferenced
-        // chunks, never a job without its message.
+        // Blobs go after the records that point to them: a crash in between leaves a blob no
+        // job uses (removed by the sweep at the next open, sweep.rs), never a job without its
+        // message.
         if let Some(full) = record.full {
             self.remove_blob(full)?;
         }
