@@ -14,8 +14,7 @@ use tokio::sync::watch;
 
 use super::Deliverer;
 use super::outcome::Failure;
-use crate::job::Job;
-use crate::spool::{AfterFailure, Spool, SpoolError};
+use crate::spool::{AfterFailure, PushLease, Spool, SpoolError};
 
 /// A push lease outlives the attempt's timeout by this much, so it never ends mid-attempt.
 const LEASE_MARGIN: Duration = Duration::from_secs(60);
@@ -105,10 +104,10 @@ async fn run(d: Arc<Deliverer>, spool: Spool, mut shutdown: watch::Receiver<bool
             break;
         }
         match spool.lease_for_push(&mailboxes, lease) {
-            Ok(Some(job)) => {
+            Ok(Some(lease)) => {
                 // There may be more: pass the signal on to an idle peer.
                 spool.ready_signal().notify_one();
-                attempt(&d, &spool, job).await
+                attempt(&d, &spool, lease).await
             }
             Ok(None) => {
                 tokio::select! {
@@ -130,10 +129,12 @@ async fn run(d: Arc<Deliverer>, spool: Spool, mut shutdown: watch::Receiver<bool
 }
 
 /// One attempt at one leased job.
-async fn attempt(d: &Deliverer, spool: &Spool, job: Job) {
+async fn attempt(d: &Deliverer, spool: &Spool, lease: PushLease) {
+    let job = lease.job();
+    let id = job.id.clone();
     let started = Instant::now();
     let result = match spool.raw(&job.id) {
-        Ok(Some(raw)) => match tokio::time::timeout(d.timeout, d.receiver.send(&job, raw)).await {
+        Ok(Some(raw)) => match tokio::time::timeout(d.timeout, d.receiver.send(job, raw)).await {
             Ok(r) => r,
             Err(_) => Err(Failure::Retry(format!("timed out after {}", humantime::format_duration(d.timeout)))),
         },
@@ -154,7 +155,7 @@ async fn attempt(d: &Deliverer, spool: &Spool, job: Job) {
                 took_ms = took.as_millis() as u64, latency_ms = latency.as_millis() as u64,
                 "delivered"
             );
-            spool.ack_soon(&job.id).await
+            spool.push_delivered(lease).await
         }
         Err(failure) => {
             let error = failure.message();
@@ -194,13 +195,13 @@ async fn attempt(d: &Deliverer, spool: &Spool, job: Job) {
                     AfterFailure::Dead
                 }
             };
-            spool.fail_to(&job.id, error, next, false).await
+            spool.push_failed(lease, error, next, false).await
         }
     };
     if let Err(e) = recorded {
         // An operator moved the job meanwhile (ack, retry), or the spool is closing: the
         // attempt's outcome is logged above; the job's own state stands.
-        tracing::warn!(target: "mailgate::delivery", deliverer = %d.name, job = %job.id, error = %e,
+        tracing::warn!(target: "mailgate::delivery", deliverer = %d.name, job = %id, error = %e,
             "could not record the delivery outcome");
     }
 }

@@ -297,8 +297,8 @@ async fn bulk_retry_and_metrics() {
     let a = store(&s.spool, "incoming", b"a").await;
     let b = store(&s.spool, "service_desk", b"b").await;
     for _ in 0..2 {
-        let job = s.spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
-        s.spool.fail_to(&job.id, "HTTP 400", crate::spool::AfterFailure::Dead, true).await.unwrap();
+        let held = s.spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
+        s.spool.push_failed(held, "HTTP 400", crate::spool::AfterFailure::Dead, true).await.unwrap();
     }
     let (status, v) = s.post("/v1/jobs/retry?mailbox=service_desk").await;
     assert_eq!((status, v["retried"].as_u64()), (StatusCode::OK, Some(1)));

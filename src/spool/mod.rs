@@ -23,6 +23,7 @@ mod committer;
 /// sled's page cache (its default, 1 GiB, would dominate the server's memory).
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 mod dedup;
+mod holds;
 mod jobs;
 mod journal;
 mod keys;
@@ -65,6 +66,7 @@ use crate::reject::RejectEntry;
 use committer::{Committer, Msg};
 use records::StoredJob;
 
+pub use holds::PushLease;
 pub use keys::{dedup_key_content, dedup_key_ident};
 pub use present::fill_reply_text;
 pub use timers::Reaped;
@@ -192,7 +194,9 @@ struct Inner {
     /// Jobs stored but not yet covered by a commit: nobody may lease them (a push worker would
     /// hand the application a message whose sender has no 250 yet and might send it again).
     pending: Mutex<std::collections::HashSet<u64>>,
-    /// State changes not yet committed that need no waiting (push leases and outcomes): the
+    /// Jobs push workers are sending now (holds.rs).
+    holds: holds::Holds,
+    /// State changes not yet committed that need no waiting (push outcomes): the
     /// maintenance loop commits them within a second.
     dirty: AtomicBool,
     reject_count: AtomicU64,
@@ -341,6 +345,7 @@ impl Spool {
             depth: Mutex::new(depth),
             ready: tokio::sync::Notify::new(),
             pending: Mutex::new(std::collections::HashSet::new()),
+            holds: holds::Holds::default(),
             dirty: AtomicBool::new(false),
             reject_count: AtomicU64::new(reject_count),
             reject_clock: Mutex::new(last_reject),
@@ -489,16 +494,28 @@ impl Spool {
             }
             return Ok(out);
         };
-        let mut ids = self.indexed(s.tag(), limit)?;
-        if s == JobState::Ready {
-            ids.extend(self.indexed(keys::WAITING_TAG, limit)?);
-            ids.sort_unstable();
-            ids.truncate(limit);
+        let held = self.0.holds.ids();
+        let mut ids = self.indexed(s.tag(), limit.saturating_add(held.len()))?;
+        match s {
+            JobState::Ready => {
+                ids.retain(|id| held.binary_search(id).is_err());
+                ids.extend(self.indexed(keys::WAITING_TAG, limit)?);
+            }
+            // Jobs held by push workers are leased too (holds.rs).
+            JobState::Leased => ids.extend(&held),
+            JobState::Done | JobState::Dead => {}
         }
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(rec) = self.record(id)? else { continue };
+            let job = self.present(rec)?;
             // The job may have changed state since the index was read: skip it then.
-            if let Some(rec) = self.record(id)?.filter(|r| r.job.state == s) {
-                out.push(self.present(rec)?);
+            if job.state == s {
+                out.push(job);
             }
         }
         Ok(out)
@@ -524,7 +541,10 @@ impl Spool {
             total.done += d.done;
             total.dead += d.dead;
         }
-        let mut oldest = self.indexed(JobState::Ready.tag(), 1)?;
+        // (jobs held by push workers count as leased: holds.rs)
+        let held = self.0.holds.ids();
+        let mut oldest = self.indexed(JobState::Ready.tag(), held.len() + 1)?;
+        oldest.retain(|id| held.binary_search(id).is_err());
         oldest.extend(self.indexed(keys::WAITING_TAG, 1)?);
         let oldest_ready = match oldest.into_iter().min() {
             Some(id) => self.record(id)?.map(|r| r.job.received_at),

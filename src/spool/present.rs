@@ -30,6 +30,7 @@ impl Spool {
     pub(super) fn present(&self, record: StoredJob) -> Result<Job, SpoolError> {
         let raw_id = record.raw_id;
         let mut job = record.load(self)?;
+        self.show_hold(&mut job);
         if job.reply_text.is_some() {
             return Ok(job);
         }
@@ -91,9 +92,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), options()).unwrap();
         let id = stored(&spool).await;
-        let leased = spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
-        assert_eq!((leased.id.as_str(), leased.reply_text), (id.as_str(), None));
-        assert_eq!(spool.ack_soon(&id).await.unwrap().reply_text, None);
+        let held = spool.lease_for_push(&[], Duration::from_secs(60)).unwrap().unwrap();
+        assert_eq!((held.job().id.as_str(), held.job().reply_text.as_deref()), (id.as_str(), None));
+        assert_eq!(spool.push_delivered(held).await.unwrap().reply_text, None);
         // Nothing was written back: the stored record still has none.
         assert_eq!(spool.record(crate::job::parse_id(&id).unwrap()).unwrap().and_then(|r| r.job.reply_text), None);
     }

@@ -1,7 +1,8 @@
 //! Moving jobs between states. Every change of a job record happens in one transaction with
 //! its state index entry and its timer (lease end, next attempt, purge). Pull-API calls return
-//! after the group commit that covers them; push-worker calls only ask for one (a lost lease
-//! or acknowledgement after a crash means one more delivery, never a lost job).
+//! after the group commit that covers them; push-worker outcomes only ask for one (a lost
+//! acknowledgement after a crash means one more delivery, never a lost job). A push worker's
+//! lease is held in memory only (holds.rs).
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 use time::OffsetDateTime;
 
+use super::holds::{Hold, PushLease, as_leased};
 use super::jobs::tx_error;
 use super::keys::{add_saturating, be_u64, id_key, index_tag, lease_key, now_ms_precision, tagged_key, unix_ms};
 use super::records::StoredJob;
@@ -33,7 +35,6 @@ pub enum AfterFailure {
 pub(super) enum Change {
     Lease {
         until: OffsetDateTime,
-        push: bool,
     },
     Ack,
     Nack,
@@ -46,14 +47,20 @@ pub(super) enum Change {
     Timer {
         ms: u64,
     },
-    /// A push worker's lease left behind by an earlier process.
+    /// A push worker's lease left behind by an earlier process (before push leases were held
+    /// in memory only).
     Release,
+    /// The outcome of a push worker's attempt at a job it held: delivered (`None`) or failed.
+    Pushed {
+        failure: Option<(String, AfterFailure)>,
+    },
 }
 
 impl Change {
     fn allowed(&self) -> (&'static [JobState], &'static str) {
         match self {
             Change::Lease { .. } => (&[JobState::Ready], "ready"),
+            Change::Pushed { .. } => (&[JobState::Ready], "held by a delivery worker"),
             Change::Ack => (&[JobState::Leased, JobState::Ready], "leased or ready"),
             Change::Nack | Change::Fail { .. } | Change::Release => (&[JobState::Leased], "leased"),
             Change::Timer { .. } => (&[JobState::Leased, JobState::Ready], "leased or waiting"),
@@ -84,6 +91,7 @@ impl Change {
                 | Change::Timer { .. }
                 | Change::Release
                 | Change::Fail { next: AfterFailure::Ready, .. }
+                | Change::Pushed { failure: Some((_, AfterFailure::Ready)) }
         )
     }
 }
@@ -99,13 +107,21 @@ fn timer_ms(job: &Job) -> Option<u64> {
 
 fn apply(record: &mut StoredJob, change: &Change) {
     let job = &mut record.job;
-    let mut push = false;
     match change {
-        Change::Lease { until, push: p } => {
+        Change::Lease { until } => {
             job.state = JobState::Leased;
             job.attempts = job.attempts.saturating_add(1);
             job.lease_until = Some(*until);
-            push = *p;
+        }
+        Change::Pushed { failure } => {
+            job.attempts = job.attempts.saturating_add(1);
+            match failure {
+                None => {
+                    job.state = JobState::Done;
+                    job.next_attempt_at = None;
+                }
+                Some((error, next)) => failed(job, error, *next),
+            }
         }
         Change::Ack => {
             job.state = JobState::Done;
@@ -120,32 +136,44 @@ fn apply(record: &mut StoredJob, change: &Change) {
             job.state = JobState::Ready;
             job.next_attempt_at = None;
         }
-        Change::Fail { error, next } => {
-            job.last_error = Some(error.clone());
-            match next {
-                AfterFailure::Ready => job.state = JobState::Ready,
-                AfterFailure::RetryAt(at) => {
-                    job.state = JobState::Ready;
-                    job.next_attempt_at = Some(*at);
-                }
-                AfterFailure::Dead => job.state = JobState::Dead,
-            }
-        }
+        Change::Fail { error, next } => failed(job, error, *next),
     }
     if job.state != JobState::Leased {
         job.lease_until = None;
     }
-    record.push = push;
+    // (only records of earlier versions still carry a push lease)
+    record.push = false;
+}
+
+fn failed(job: &mut Job, error: &str, next: AfterFailure) {
+    job.last_error = Some(error.to_string());
+    match next {
+        AfterFailure::Ready => job.state = JobState::Ready,
+        AfterFailure::RetryAt(at) => {
+            job.state = JobState::Ready;
+            job.next_attempt_at = Some(at);
+        }
+        AfterFailure::Dead => job.state = JobState::Dead,
+    }
 }
 
 impl Spool {
     /// Applies `change` to job `id` in one transaction; returns the new record.
     pub(super) fn transition(&self, id: u64, change: &Change) -> Result<StoredJob, SpoolError> {
+        let (old_tag, record) = self.transition_tx(id, change)?;
+        // A job a push worker holds is counted as leased (holds.rs): it moves from there.
+        let held = old_tag == JobState::Ready.tag() && self.0.holds.uncount(id);
+        self.after_transition(old_tag, held, &record, change);
+        Ok(record)
+    }
+
+    /// The transaction of [`Spool::transition`]; returns the old index tag and the new record.
+    fn transition_tx(&self, id: u64, change: &Change) -> Result<(u8, StoredJob), SpoolError> {
         let (allowed, wanted) = change.allowed();
         let now = now_ms_precision();
         let purge_ms = unix_ms(add_saturating(now, self.0.opts.retention));
         let i = &self.0;
-        let (old_tag, record) = (&i.jobs, &i.state, &i.leases)
+        (&i.jobs, &i.state, &i.leases)
             .transaction(|(jobs, state, timers)| {
                 let abort = ConflictableTransactionError::Abort;
                 let Some(bytes) = jobs.get(id_key(id))? else {
@@ -179,16 +207,21 @@ impl Spool {
                 jobs.insert(&id_key(id)[..], record.encode().map_err(abort)?)?;
                 Ok((old_tag, record))
             })
-            .map_err(tx_error)?;
+            .map_err(tx_error)
+    }
+
+    /// The counts and the workers' signal after a transition; `held`: the job was counted as
+    /// leased for a push worker's hold.
+    fn after_transition(&self, old_tag: u8, held: bool, record: &StoredJob, change: &Change) {
         let new_tag = index_tag(&record.job);
         if old_tag != new_tag {
-            self.count(record.job.mailbox.as_bytes(), Some(old_tag), Some(new_tag));
+            let from = if held { JobState::Leased.tag() } else { old_tag };
+            self.count(record.job.mailbox.as_bytes(), Some(from), Some(new_tag));
         }
         if change.frees() {
             // One worker, not all: a worker that finds a job wakes the next (delivery/worker.rs).
             self.0.ready.notify_one();
         }
-        Ok(record)
     }
 
     async fn change(&self, id: &str, change: Change, durable: bool) -> Result<StoredJob, SpoolError> {
@@ -203,16 +236,15 @@ impl Spool {
         Ok(record)
     }
 
-    /// Leases the oldest ready job of one of `mailboxes` (`None`: any mailbox) whose next
-    /// attempt is due: state leased, attempts + 1, `lease_until` set.
-    fn lease_first(
+    /// The ready jobs, oldest first, that one of `mailboxes` (`None`: any mailbox) may take:
+    /// committed, and not held by a push worker. Calls `take` with each (id, mailbox) until it
+    /// returns something.
+    fn first_ready<T>(
         &self,
         mailboxes: Option<&[&str]>,
-        lease: Duration,
-        push: bool,
-    ) -> Result<Option<StoredJob>, SpoolError> {
+        mut take: impl FnMut(u64, &[u8]) -> Result<Option<T>, SpoolError>,
+    ) -> Result<Option<T>, SpoolError> {
         self.check_open()?;
-        let until = add_saturating(now_ms_precision(), lease);
         for item in self.0.state.scan_prefix([JobState::Ready.tag()]) {
             let (key, job_mailbox) = item?;
             if mailboxes.is_some_and(|m| !m.iter().any(|m| m.as_bytes() == job_mailbox.as_ref())) {
@@ -222,34 +254,54 @@ impl Spool {
             if self.is_pending(id) {
                 continue;
             }
-            match self.transition(id, &Change::Lease { until, push }) {
-                Ok(record) => return Ok(Some(record)),
-                // Another consumer took it between the scan and the transaction.
-                Err(SpoolError::WrongState { .. } | SpoolError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
+            if let Some(found) = take(id, &job_mailbox)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
     }
 
-    /// Pull API: leases the oldest due ready job (of `mailbox`); durable before it returns.
+    /// Pull API: leases the oldest due ready job (of `mailbox`): state leased, attempts + 1,
+    /// `lease_until` set; durable before it returns.
     pub async fn lease_next(&self, mailbox: Option<&str>, lease: Duration) -> Result<Option<Job>, SpoolError> {
         let only = mailbox.map(|m| [m]);
-        let Some(record) = self.lease_first(only.as_ref().map(|m| &m[..]), lease, false)? else { return Ok(None) };
+        let until = add_saturating(now_ms_precision(), lease);
+        let leased = self.first_ready(only.as_ref().map(|m| &m[..]), |id, _| {
+            // Under the holds' lock: a push worker cannot take the job meanwhile.
+            let holds = self.0.holds.lock();
+            if holds.contains_key(&id) {
+                return Ok(None);
+            }
+            let change = Change::Lease { until };
+            match self.transition_tx(id, &change) {
+                Ok((old_tag, record)) => {
+                    drop(holds);
+                    self.after_transition(old_tag, false, &record, &change);
+                    Ok(Some(record))
+                }
+                // Another consumer took it between the scan and the transaction.
+                Err(SpoolError::WrongState { .. } | SpoolError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?;
+        let Some(record) = leased else { return Ok(None) };
         self.commit().await?;
         self.present_async(record).await.map(Some)
     }
 
-    /// Push workers: leases the oldest due ready job of `mailboxes` (empty: any) without a
-    /// commit of its own. Such leases are released when the process starts again. The job
-    /// comes without its reply text: the webhook derives it from the raw message it sends.
-    pub fn lease_for_push(&self, mailboxes: &[&str], lease: Duration) -> Result<Option<Job>, SpoolError> {
+    /// Push workers: holds the oldest due ready job of `mailboxes` (empty: any) in memory
+    /// (holds.rs); nothing is written. The job comes without its reply text: the webhook
+    /// derives it from the raw message it sends.
+    pub fn lease_for_push(&self, mailboxes: &[&str], lease: Duration) -> Result<Option<PushLease>, SpoolError> {
         let filter = if mailboxes.is_empty() { None } else { Some(mailboxes) };
-        let Some(record) = self.lease_first(filter, lease, true)? else { return Ok(None) };
-        // A push lease need not be durable: lost in a crash, it is what the next start's
-        // release would undo anyway.
-        self.mark_dirty();
-        record.load(self).map(Some)
+        let until = add_saturating(now_ms_precision(), lease);
+        self.first_ready(filter, |id, mailbox| {
+            let Some((hold, record)) = Hold::take(self, id, mailbox, until)? else { return Ok(None) };
+            // (an error from here on drops the hold: the job is ready again)
+            let mut job = record.load(self)?;
+            as_leased(&mut job, until);
+            Ok(Some(PushLease::new(hold, job)))
+        })
     }
 
     /// Signalled (`notify_one`) when jobs may have become ready: stored, released, retried, due.
@@ -266,11 +318,11 @@ impl Spool {
         self.present_async(record).await
     }
 
-    /// Push workers: leased -> done, committed within a second (not waited for): a crash before
-    /// then means one more delivery of the job, never a lost one. The job comes without its
-    /// reply text.
-    pub async fn ack_soon(&self, id: &str) -> Result<Job, SpoolError> {
-        self.change(id, Change::Ack, false).await?.load(self)
+    /// Push workers: the held job was delivered -> done (attempts + 1), committed within a
+    /// second (not waited for): a crash before then means one more delivery of the job, never
+    /// a lost one. The job comes without its reply text.
+    pub async fn push_delivered(&self, lease: PushLease) -> Result<Job, SpoolError> {
+        self.push_outcome(lease, None, false).await
     }
 
     /// Leased -> ready.
@@ -312,10 +364,43 @@ impl Spool {
         self.present_async(record).await
     }
 
-    /// Push workers: leased -> `next`, recording `error` as `last_error`; `durable`: wait for
-    /// the commit, else it is committed within a second. The job comes without its reply text.
-    pub async fn fail_to(&self, id: &str, error: &str, next: AfterFailure, durable: bool) -> Result<Job, SpoolError> {
-        self.fail_record(id, error, next, durable).await?.load(self)
+    /// Push workers: the attempt at the held job failed -> `next` (attempts + 1), recording
+    /// `error` as `last_error`; `durable`: wait for the commit, else it is committed within a
+    /// second. The job comes without its reply text.
+    pub async fn push_failed(
+        &self,
+        lease: PushLease,
+        error: &str,
+        next: AfterFailure,
+        durable: bool,
+    ) -> Result<Job, SpoolError> {
+        self.push_outcome(lease, Some((cut_error(error), next)), durable).await
+    }
+
+    async fn push_outcome(
+        &self,
+        lease: PushLease,
+        failure: Option<(String, AfterFailure)>,
+        durable: bool,
+    ) -> Result<Job, SpoolError> {
+        self.check_open()?;
+        let mut hold = lease.hold;
+        // Ready in the counts again: the transaction counts it from ready to its new state.
+        hold.uncount();
+        let change = Change::Pushed { failure };
+        let result = self.transition(hold.id, &change);
+        // Let go only after the transaction: no other worker may take the job in between.
+        drop(hold);
+        let record = result?;
+        if change.frees() {
+            self.0.ready.notify_one();
+        }
+        if durable {
+            self.commit().await?;
+        } else {
+            self.mark_dirty();
+        }
+        record.load(self)
     }
 
     async fn fail_record(
@@ -325,15 +410,7 @@ impl Spool {
         next: AfterFailure,
         durable: bool,
     ) -> Result<StoredJob, SpoolError> {
-        let mut error = error.to_string();
-        if error.len() > MAX_ERROR_LEN {
-            let mut cut = MAX_ERROR_LEN;
-            while !error.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            error.truncate(cut);
-        }
-        self.change(id, Change::Fail { error, next }, durable).await
+        self.change(id, Change::Fail { error: cut_error(error), next }, durable).await
     }
 
     /// At start-up: push leases of an earlier process -> ready (that process is gone: the
@@ -358,4 +435,13 @@ impl Spool {
         }
         Ok(n)
     }
+}
+
+/// `error`, cut to [`MAX_ERROR_LEN`] bytes at a character boundary.
+fn cut_error(error: &str) -> String {
+    let mut cut = error.len().min(MAX_ERROR_LEN);
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    error[..cut].to_string()
 }
