@@ -137,10 +137,24 @@ fn reconcile(config: &Path, acked: &[String]) -> Vec<serde_json::Value> {
     assert!(acked.len() > 50, "the load should have delivered something: {}", acked.len());
     let lost: Vec<&String> = acked.iter().filter(|m| !counts.contains_key(*m)).collect();
     let doubled: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), lost.first());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}; what the server said about its spool at each start:\n{}",
+        lost.len(),
+        lost.first(),
+        spool_log(config)
+    );
     assert!(doubled.is_empty(), "messages stored twice: {doubled:?}");
     eprintln!("{} acknowledged, {} stored, none lost", acked.len(), counts.len());
     jobs
+}
+
+/// The server log's lines about the spool's recovery, warnings and errors (the last 60).
+fn spool_log(config: &Path) -> String {
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let wanted = ["WARN", "ERROR", "restored", "removed", "ready again", "mailgate ready"];
+    let lines: Vec<&str> = log.lines().filter(|l| wanted.iter().any(|w| l.contains(w))).collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 #[test]

@@ -154,6 +154,10 @@ impl Committer {
         }
         let t2 = std::time::Instant::now();
         if checkpoint {
+            // Everything applied so far first, then the mark that says so: sled may recover a
+            // later insert without an earlier one (journal.rs, `merge_puts`), and a checkpoint
+            // mark that outlived the inserts before it would skip their frames at the replay.
+            self.db.flush()?;
             self.trees.trees.mark_checkpoint(self.journal.next_seq())?;
             self.db.flush()?;
             self.file.sync_data()?;
