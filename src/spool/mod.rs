@@ -11,12 +11,13 @@
 //! transaction; a store's inserts are made durable by the journal (`journal.rs`), which is
 //! replayed at open.
 //!
-//! Files: `committer.rs` (group commit), `journal.rs` (the store journal), `segments.rs` (raw
-//! messages in segment files),
-//! `recover.rs` (jobs whose message a machine crash took), `sweep.rs` (blobs no job uses), `jobs.rs` (store), `transitions.rs` (state changes,
-//! leases), `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup
-//! lookups and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record),
-//! `keys.rs` (encodings, dedup key builders).
+//! Files: `committer.rs` (group commit), `journal.rs` (the store journal), `replay.rs` (its
+//! frames merged back at open), `segments.rs` (raw messages in segment files), `recover.rs`
+//! (jobs whose message a machine crash took), `sweep.rs` (blobs no job uses), `jobs.rs`
+//! (store), `transitions.rs` (state changes, leases), `holds.rs` (push leases, in memory),
+//! `timers.rs` (the reaper and purging), `rejects.rs` (reject log), `dedup.rs` (dedup lookups
+//! and expiry), `raw.rs` (chunked blobs), `records.rs` (the internal job record), `keys.rs`
+//! (encodings, dedup key builders).
 
 mod committer;
 
@@ -32,6 +33,7 @@ mod raw;
 mod records;
 mod recover;
 mod rejects;
+mod replay;
 mod segments;
 mod sweep;
 #[cfg(test)]
