@@ -155,7 +155,7 @@ impl Committer {
         let t2 = std::time::Instant::now();
         if checkpoint {
             // Everything applied so far first, then the mark that says so: sled may recover a
-            // later insert without an earlier one (journal.rs, `merge_puts`), and a checkpoint
+            // later insert without an earlier one (replay.rs), and a checkpoint
             // mark that outlived the inserts before it would skip their frames at the replay.
             self.db.flush()?;
             self.trees.trees.mark_checkpoint(self.journal.next_seq())?;

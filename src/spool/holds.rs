@@ -120,24 +120,24 @@ impl Hold {
     }
 
     /// Counts the job as ready again (unless a transition did already): before the outcome's
-    /// transaction, which counts it from ready to its new state. True if it did.
-    pub fn uncount(&mut self) -> bool {
-        let holds = &self.spool.0.holds;
-        let mut map = holds.lock();
-        let counted = map.get_mut(&self.id).is_some_and(|h| std::mem::take(&mut h.counted));
-        if counted {
-            self.spool.count(&self.mailbox, Some(JobState::Leased.tag()), Some(JobState::Ready.tag()));
+    /// transaction, which counts it from ready to its new state.
+    pub fn uncount(&self) {
+        if self.spool.0.holds.uncount(self.id) {
+            self.count_ready();
         }
-        counted
+    }
+
+    fn count_ready(&self) {
+        self.spool.count(&self.mailbox, Some(JobState::Leased.tag()), Some(JobState::Ready.tag()));
     }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let unused = self.uncount();
-        self.spool.0.holds.lock().remove(&self.id);
-        if unused {
+        let held = self.spool.0.holds.lock().remove(&self.id);
+        if held.is_some_and(|h| h.counted) {
             // Let go without an outcome: the job is ready again, one idle worker may take it.
+            self.count_ready();
             self.spool.0.ready.notify_one();
         }
     }

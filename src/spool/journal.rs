@@ -13,9 +13,9 @@
 //! journal would pass [`JOURNAL_MAX`], or at shutdown, the committer syncs the segments,
 //! flushes sled, records the next frame's number under [`CHECKPOINT_KEY`], flushes sled again
 //! (the mark must never outlive what it covers), and starts the journal again at its
-//! beginning. Frames are written over the old ones in place: an
-//! `fdatasync` of blocks that already exist needs no file system metadata (about 65 µs here,
-//! against about 100 µs for an append). The file grows, with zeros, a MiB at a time.
+//! beginning. Frames are written over the old ones in place: an `fdatasync` of blocks that
+//! already exist needs no file system metadata (about 65 µs here, against about 100 µs for an
+//! append). The file grows, with zeros, a MiB at a time.
 //!
 //! Recovery: at open, every intact frame from the checkpoint on writes its messages back to
 //! their segments (a machine crash may have taken the unsynced segment bytes) and is merged
@@ -26,10 +26,10 @@
 //! buffer in its last segments and goes on with the next segment, so it can keep a later
 //! insert without an earlier one. (One run of the kill -9 delivery test lost 127
 //! acknowledged jobs; trusting the applied mark is the one way found that this could
-//! happen.) Then sled is flushed and a new checkpoint recorded. A frame cut short or failing its CRC ends the replay (the process died writing
-//! it, before any of its messages had a 250), and so do zeros and a frame numbered no higher
-//! than the one before it: what follows the newest frames is what earlier rounds left, all of
-//! it checkpointed.
+//! happen.) Then sled is flushed and a new checkpoint recorded. A frame cut short or failing
+//! its CRC ends the replay (the process died writing it, before any of its messages had a
+//! 250), and so do zeros and a frame numbered no higher than the one before it: what follows
+//! the newest frames is what earlier rounds left, all of it checkpointed.
 //!
 //! Frame: `len: u32 | crc32(payload): u32 | payload`; payload: `seq: u64 | count: u32` and
 //! `count` times `kind: u8 | key_len: u32 | key | value_len: u32 | value` (big-endian). Kinds

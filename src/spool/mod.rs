@@ -6,10 +6,10 @@
 //! purges), `rawloc` (raw message blob id -> its place in a segment file, see `segments.rs`),
 //! `raw` (blob id + chunk index -> at most 4 KiB: raw messages and full records of big jobs
 //! from spools written before segment files; read and removed, never written), `refs` (blob
-//! id + job id: which jobs use a raw message, and which one a full-job blob), `dedup` (key -> job id + expiry ms), `rejects` (unix nanos + sequence ->
-//! entry JSON). A change of a job's state moves its record, state index entry and timer in one
-//! transaction; a store's inserts are made durable by the journal (`journal.rs`), which is
-//! replayed at open.
+//! id + job id: which jobs use a raw message, and which one a full-job blob), `dedup` (key ->
+//! job id + expiry ms), `rejects` (unix nanos + sequence -> entry JSON). A change of a job's
+//! state moves its record, state index entry and timer in one transaction; a store's inserts
+//! are made durable by the journal (`journal.rs`), which is replayed at open.
 //!
 //! Files: `committer.rs` (group commit), `journal.rs` (the store journal), `replay.rs` (its
 //! frames merged back at open), `segments.rs` (raw messages in segment files), `recover.rs`

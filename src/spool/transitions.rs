@@ -384,7 +384,7 @@ impl Spool {
         durable: bool,
     ) -> Result<Job, SpoolError> {
         self.check_open()?;
-        let mut hold = lease.hold;
+        let hold = lease.hold;
         // Ready in the counts again: the transaction counts it from ready to its new state.
         hold.uncount();
         let change = Change::Pushed { failure };
@@ -393,6 +393,7 @@ impl Spool {
         drop(hold);
         let record = result?;
         if change.frees() {
+            // (the transaction's own signal came while the job was still held)
             self.0.ready.notify_one();
         }
         if durable {
