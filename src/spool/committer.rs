@@ -155,9 +155,12 @@ impl Committer {
         let t2 = std::time::Instant::now();
         if checkpoint {
             // Everything applied so far first, then the mark that says so: sled may recover a
-            // later insert without an earlier one (replay.rs), and a checkpoint
-            // mark that outlived the inserts before it would skip their frames at the replay.
+            // later insert without an earlier one (replay.rs), and a checkpoint mark that
+            // outlived the inserts before it would skip their frames at the replay. Two syncs,
+            // because one `fdatasync` writes its pages in no set order: a power cut during it
+            // could keep the mark and lose an insert.
             self.db.flush()?;
+            self.file.sync_data()?;
             self.trees.trees.mark_checkpoint(self.journal.next_seq())?;
             self.db.flush()?;
             self.file.sync_data()?;

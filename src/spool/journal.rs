@@ -212,7 +212,12 @@ impl Journal {
     /// Opens `<dir>/journal` and recovers from it (see the module docs): messages back to
     /// their segments, inserts sled lacks back to sled, then a checkpoint. Returns the journal
     /// and how many frames were applied to sled.
-    pub fn open(dir: &Path, db: &sled::Db, trees: &JournalTrees) -> Result<(Journal, usize), SpoolError> {
+    pub fn open(
+        dir: &Path,
+        db: &sled::Db,
+        db_file: &File,
+        trees: &JournalTrees,
+    ) -> Result<(Journal, usize), SpoolError> {
         let path = dir.join("journal");
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         let bytes = std::fs::read(&path)?;
@@ -244,10 +249,16 @@ impl Journal {
             File::open(dir.join("segments"))?.sync_all()?;
         }
         let next_seq = last.saturating_add(1).max(checkpoint);
-        // The replayed inserts first, then the checkpoint that says they are in.
+        // The replayed inserts first, then the checkpoint that says they are in. sled's flush
+        // ends in `sync_file_range`, which makes nothing durable against a power cut (no
+        // metadata, no disk cache flush): `<dir>/db` is synced here, as at every checkpoint
+        // (committer.rs). Without it, the frames the new journal overwrites were lost to a
+        // power cut soon after a restart (tests/powercut.rs).
         db.flush()?;
+        db_file.sync_data()?;
         trees.mark_checkpoint(next_seq)?;
         db.flush()?;
+        db_file.sync_data()?;
         file.sync_all()?;
         File::open(dir)?.sync_all()?;
         Ok((Journal { file, len: 0, size: bytes.len() as u64, next_seq }, replayed))

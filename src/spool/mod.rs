@@ -268,11 +268,21 @@ impl Spool {
             meta: Tree::clone(&db),
         };
         // Before anything reads the trees: the journal may hold stores sled lost.
-        let (journal, replayed) = journal::Journal::open(dir, &db, &journal_trees)?;
+        let (journal, replayed) = journal::Journal::open(dir, &db, &file, &journal_trees)?;
         if replayed > 0 {
             tracing::info!(target: "mailgate::spool", batches = replayed,
                 "restored stored messages from the journal that sled had not written before the last stop");
         }
+        // Job and blob ids come from sled's counter. At open sled starts it past the last value
+        // it persisted, and persists the new start at the first id it gives out, with a flush
+        // that is not durable against a power cut (`sync_file_range`). Were that lost, the next
+        // open would give out this session's ids again: a new job would overwrite an
+        // acknowledged one (tests/powercut.rs). One id now, then a sync, makes the start durable
+        // before any job gets an id; later persists (every million ids) are made durable by
+        // the checkpoints, which come far more often.
+        db.generate_id()?;
+        db.flush()?;
+        file.sync_data()?;
         // Before the segments count their live messages: a segment only orphans use is deleted.
         let swept = sweep::sweep(&sweep::Trees { jobs: &jobs, refs: &refs, rawloc: &rawloc })?;
         if swept.removed > 0 || swept.adopted > 0 {
