@@ -1,7 +1,7 @@
 # mailgate: build, test, lint, bench.
 CARGO ?= cargo
 # command=debian-package pairs the tests and benchmarks need
-TEST_PACKAGES = swaks=swaks python3=python3 redis-server=redis-server perl:Net::SSLeay=libnet-ssleay-perl
+TEST_PACKAGES = swaks=swaks python3=python3 redis-server=redis-server perl:Net::SSLeay=libnet-ssleay-perl fusermount3=fuse3
 BENCH_PACKAGES = smtp-source=postfix smtp-sink=postfix swaks=swaks redis-server=redis-server
 E2E_PACKAGES = postfix=postfix sendmail=postfix smtp-source=postfix swaks=swaks
 
@@ -13,7 +13,8 @@ build:
 deps:
 	@scripts/ensure-packages.sh $(TEST_PACKAGES)
 
-# Everything: unit tests, integration tests against the real binary over TCP, swaks, crash test.
+# Everything: unit tests, integration tests against the real binary over TCP, swaks, crash and
+# power-cut tests (--all-targets also builds examples/powercutfs, which the power-cut tests mount).
 test: deps
 	$(CARGO) test --all-targets
 

@@ -2,10 +2,12 @@
 //! raw SMTP/LMTP clients, and the CLI. Every process started here is stopped by PID on drop.
 #![allow(dead_code)]
 
+pub mod crashload;
 pub mod delivery;
 pub mod dns;
 pub mod fixtures;
 pub mod postfix;
+pub mod powercut;
 pub mod receiver;
 pub mod redis;
 
