@@ -26,7 +26,7 @@ pub(super) fn merge_puts(trees: &JournalTrees, puts: &[Put<'_>]) -> Result<bool,
     for (tree, key, value) in puts.iter().filter(|(tree, _, _)| *tree == TreeId::Jobs as u8) {
         let id = job_id(key).ok_or_else(|| SpoolError::Corrupt(format!("journal tree {tree}: job key")))?;
         if let Some(had) = trees.jobs.get(key)? {
-            if !same_job(&had, value)? {
+            if !same_job(&had, value) {
                 // Never expected: the id was given out twice. sled's record is kept.
                 tracing::error!(target: "mailgate::spool", job = %crate::job::format_id(id),
                     "journal: a stored job's id belongs to another job in the spool; the journal's job is lost");
@@ -84,8 +84,11 @@ fn match_index(trees: &JournalTrees, id: u64) -> Result<bool, SpoolError> {
 }
 
 /// Whether two records are the same job (one may have moved on since): the same message,
-/// received at the same time.
-fn same_job(a: &[u8], b: &[u8]) -> Result<bool, SpoolError> {
-    let (a, b) = (StoredJob::decode(a)?, StoredJob::decode(b)?);
-    Ok(a.raw_id == b.raw_id && a.job.received_at == b.job.received_at)
+/// received at the same time. A record that does not decode counts as the same: this check
+/// only decides whether to log, and the record's readers report it.
+fn same_job(a: &[u8], b: &[u8]) -> bool {
+    match (StoredJob::decode(a), StoredJob::decode(b)) {
+        (Ok(a), Ok(b)) => a.raw_id == b.raw_id && a.job.received_at == b.job.received_at,
+        _ => true,
+    }
 }
