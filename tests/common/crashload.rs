@@ -97,11 +97,12 @@ pub enum Stop {
 /// A test's directory, ports and config; with [`Stop::PowerCut`] the spool is on a power-cut
 /// mount (`<dir>/mnt` over `<dir>/disk`), mounted for each cycle and for the final checks.
 pub struct Rig {
+    /// First, so that it is dropped (unmounted) before the directory it is mounted in.
+    fs: RefCell<Option<PowerCutFs>>,
     pub dir: tempfile::TempDir,
     pub ports: Ports,
     pub config: PathBuf,
     stop: Stop,
-    fs: RefCell<Option<PowerCutFs>>,
 }
 
 impl Rig {
@@ -122,7 +123,7 @@ impl Rig {
             assert_ne!(text, moved, "the config names its spool");
             std::fs::write(&config, moved).unwrap();
         }
-        Rig { dir, ports, config, stop, fs: RefCell::new(None) }
+        Rig { fs: RefCell::new(None), dir, ports, config, stop }
     }
 
     /// Before a server starts on the spool (or the CLI opens it): mounts it if needed.
