@@ -83,7 +83,7 @@ async fn stores_that_sled_had_not_written_come_back_from_the_journal() {
         let db = sled::Config::new().path(&sled_only).open().unwrap();
         assert!(db.open_tree("jobs").unwrap().len() < 3, "sled wrote the stores without a flush");
     }
-    let spool = Spool::open(&crashed, options()).unwrap();
+    let spool = reopen(&crashed);
     for (id, raw) in ids.iter().zip([&b"first message"[..], b"second", b"third"]) {
         assert_eq!(spool.get(id).unwrap().unwrap().state, crate::job::JobState::Ready);
         assert_eq!(spool.raw(id).unwrap().unwrap(), raw);
@@ -149,7 +149,7 @@ async fn small_messages_come_back_from_the_journal_when_a_machine_crash_took_the
     for entry in std::fs::read_dir(crashed.join("segments")).unwrap() {
         std::fs::OpenOptions::new().write(true).open(entry.unwrap().path()).unwrap().set_len(0).unwrap();
     }
-    let spool = Spool::open(&crashed, options()).unwrap();
+    let spool = reopen(&crashed);
     for (id, raw) in ids.iter().zip(&raws) {
         assert_eq!(spool.raw(id).unwrap().as_deref(), Some(raw.as_slice()), "job {id}");
     }
@@ -221,7 +221,7 @@ async fn a_job_sled_lost_behind_a_later_insert_comes_back_from_the_journal() {
         assert!(db.get(super::journal::APPLIED_KEY).unwrap().is_some(), "the frames' marks survived");
         db.flush().unwrap();
     }
-    let spool = Spool::open(&crashed, options()).unwrap();
+    let spool = reopen(&crashed);
     for (n, id) in ids.iter().enumerate() {
         assert_eq!(spool.get(id).unwrap().unwrap().state, JobState::Ready, "job {id}");
         assert_eq!(spool.raw(id).unwrap().unwrap(), format!("m{n}").as_bytes(), "its message was kept");
@@ -253,7 +253,7 @@ async fn a_replayed_frame_does_not_set_back_a_job_that_moved_on() {
         assert!(db.open_tree("state").unwrap().remove(keys::state_key(JobState::Done, n)).unwrap().is_some());
         db.flush().unwrap();
     }
-    let spool = Spool::open(&crashed, options()).unwrap();
+    let spool = reopen(&crashed);
     let job = spool.get(&id).unwrap().unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Done, 1), "the delivered job stays delivered");
     let stats = spool.stats().unwrap();
