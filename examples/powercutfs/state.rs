@@ -169,11 +169,6 @@ pub(crate) fn backing_page(file: &File, n: u64, limit: u64) -> std::io::Result<V
 
 /// blocks, free, available, files, free files, block size of the backing file system.
 pub(crate) fn nix_statvfs(path: &Path) -> Option<(u64, u64, u64, u64, u64, u32)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    Some((s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_frsize as u32))
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((s.blocks(), s.blocks_free(), s.blocks_available(), s.files(), s.files_free(), s.fragment_size() as u32))
 }
