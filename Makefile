@@ -14,8 +14,9 @@ deps:
 	@scripts/ensure-packages.sh $(TEST_PACKAGES)
 
 # Everything: unit tests, integration tests against the real binary over TCP, swaks, crash and
-# power-cut tests (--all-targets also builds examples/powercutfs, which the power-cut tests mount).
+# power-cut tests (they mount examples/powercutfs; cargo test builds examples only as test harnesses).
 test: deps
+	$(CARGO) build --example powercutfs
 	$(CARGO) test --all-targets
 
 # End to end behind a real, private Postfix (modes A and B of DESIGN.md): needs root; one

@@ -7,15 +7,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/examples/powercutfs`, beside the mailgate binary under test.
+/// `target/<profile>/examples/powercutfs`, beside the mailgate binary under test. `cargo test`
+/// builds examples only as test harnesses, so it is built here when missing (`make test`
+/// builds it first).
 fn powercutfs() -> PathBuf {
     let bin = Path::new(super::bin());
     let exe = bin.parent().map(|d| d.join("examples").join("powercutfs")).unwrap_or_default();
-    assert!(
-        exe.exists(),
-        "{} is missing: `make test` builds it (cargo test --all-targets), or run `cargo build --example powercutfs`",
-        exe.display()
-    );
+    if !exe.exists() {
+        let release = bin.parent().and_then(|d| d.file_name()).is_some_and(|n| n == "release");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--example", "powercutfs"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            build.arg("--release");
+        }
+        let built = build.status().is_ok_and(|s| s.success());
+        assert!(
+            built && exe.exists(),
+            "{} is missing and `cargo build --example powercutfs` did not make it",
+            exe.display()
+        );
+    }
     exe
 }
 
