@@ -39,7 +39,7 @@ use fuser::{
     FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
 };
-use state::{PAGE, PowerCutFs, TTL, backing_page, errno, nix_statvfs};
+use state::{PAGE, PowerCutFs, TTL, backing_page, errno, statfs_of};
 
 impl Filesystem for PowerCutFs {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
@@ -354,7 +354,7 @@ impl Filesystem for PowerCutFs {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        match nix_statvfs(&self.backing) {
+        match statfs_of(&self.backing) {
             Some(s) => reply.statfs(s.0, s.1, s.2, s.3, s.4, s.5, 255, s.5),
             None => reply.error(libc::EIO),
         }

@@ -168,7 +168,7 @@ pub(crate) fn backing_page(file: &File, n: u64, limit: u64) -> std::io::Result<V
 }
 
 /// blocks, free, available, files, free files, block size of the backing file system.
-pub(crate) fn nix_statvfs(path: &Path) -> Option<(u64, u64, u64, u64, u64, u32)> {
+pub(crate) fn statfs_of(path: &Path) -> Option<(u64, u64, u64, u64, u64, u32)> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     Some((s.blocks(), s.blocks_free(), s.blocks_available(), s.files(), s.files_free(), s.fragment_size() as u32))
 }
